@@ -1,0 +1,462 @@
+"""One typed config schema for both backends.
+
+Every config is a frozen dataclass, validated on construction; an invalid value raises `ConfigError` naming the
+dotted field and what is allowed. The same object is passed whole to the JAX and the PyTorch modules, and stored as
+`config.json` beside every checkpoint (`save` / `load`). Field names follow the official MaskGIT configs where one
+exists (google-research/maskgit `configs/*.py`), so `MaskGITConfig.from_official` maps them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import typing
+from typing import Any, Mapping, Sequence
+
+SCHEMA_VERSION = 1
+
+# Official mask schedules (maskgit/libml/mask_schedule.py); "powX" accepts any positive exponent X.
+OFFICIAL_SCHEDULES = ("uniform", "linear", "cosine", "log", "exp")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the dotted field."""
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _check_int(value, field: str, lo: int | None = None, hi: int | None = None) -> None:
+  _check(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {value!r}")
+  if lo is not None:
+    _check(value >= lo, field, f"must be >= {lo}, got {value}")
+  if hi is not None:
+    _check(value <= hi, field, f"must be <= {hi}, got {value}")
+
+
+def _check_float(value, field: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+  _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), field,
+         f"must be a finite number, got {value!r}")
+  if lo is not None:
+    if lo_open:
+      _check(value > lo, field, f"must be > {lo}, got {value}")
+    else:
+      _check(value >= lo, field, f"must be >= {lo}, got {value}")
+  if hi is not None:
+    _check(value <= hi, field, f"must be <= {hi}, got {value}")
+
+
+def _check_choice(value, field: str, choices: Sequence[str]) -> None:
+  _check(value in choices, field, f"must be one of {list(choices)}, got {value!r}")
+
+
+def check_schedule_name(value, field: str) -> None:
+  """Schedules: the official ones, `powX` with X > 0, and the seed's (`arccos`, `square`, `root`)."""
+  if isinstance(value, str) and value.startswith("pow"):
+    try:
+      exponent = float(value[3:])
+    except ValueError:
+      exponent = -1.0
+    _check(exponent > 0, field, f"'powX' needs a positive number X (e.g. 'pow2.5'), got {value!r}")
+    return
+  _check_choice(value, field, OFFICIAL_SCHEDULES + ("arccos", "square", "root"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """VQGAN tokenizer without attention (official `config.vqvae`)."""
+  filters: int = 128
+  channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2
+  embedding_dim: int = 256
+  codebook_size: int = 1024
+  norm_type: str = "GN"
+  activation_fn: str = "swish"
+  quantizer: str = "vq"
+  conv_downsample: bool = False
+  # GroupNorm: flax defaults (32 groups, eps 1e-6), which the official code uses.
+  num_groups: int = 32
+  norm_eps: float = 1e-6
+  # Training losses (official vqgan_config).
+  commitment_cost: float = 0.25
+  entropy_loss_ratio: float = 0.1
+  entropy_temperature: float = 0.01
+  entropy_loss_type: str = "softmax"
+
+  def validate(self, prefix: str = "tokenizer") -> None:
+    _check_int(self.filters, f"{prefix}.filters", 1)
+    _check(len(self.channel_multipliers) >= 1, f"{prefix}.channel_multipliers", "needs at least one level")
+    for i, m in enumerate(self.channel_multipliers):
+      _check_int(m, f"{prefix}.channel_multipliers[{i}]", 1)
+    _check_int(self.num_res_blocks, f"{prefix}.num_res_blocks", 1)
+    _check_int(self.embedding_dim, f"{prefix}.embedding_dim", 1)
+    _check_int(self.codebook_size, f"{prefix}.codebook_size", 2)
+    _check_choice(self.norm_type, f"{prefix}.norm_type", ("GN",))
+    _check_choice(self.activation_fn, f"{prefix}.activation_fn", ("swish", "relu"))
+    _check_choice(self.quantizer, f"{prefix}.quantizer", ("vq",))
+    _check(self.conv_downsample is False, f"{prefix}.conv_downsample",
+           "only False (2x2 average pooling, as the released models) is implemented")
+    _check_int(self.num_groups, f"{prefix}.num_groups", 1)
+    for i, m in enumerate(self.channel_multipliers):
+      _check(self.filters * m % self.num_groups == 0, f"{prefix}.filters",
+             f"filters * channel_multipliers[{i}] = {self.filters * m} must be a multiple of "
+             f"num_groups={self.num_groups} (GroupNorm)")
+    _check_float(self.norm_eps, f"{prefix}.norm_eps", 0.0, lo_open=True)
+    _check_float(self.commitment_cost, f"{prefix}.commitment_cost", 0.0)
+    _check_float(self.entropy_loss_ratio, f"{prefix}.entropy_loss_ratio", 0.0)
+    _check_float(self.entropy_temperature, f"{prefix}.entropy_temperature", 0.0, lo_open=True)
+    _check_choice(self.entropy_loss_type, f"{prefix}.entropy_loss_type", ("softmax", "argmax"))
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.channel_multipliers) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Bidirectional BERT-style transformer (official `config.transformer`; `num_embeds` is the hidden size)."""
+  num_layers: int = 24
+  num_embeds: int = 768
+  num_heads: int = 16
+  intermediate_size: int = 3072
+  dropout_rate: float = 0.1
+  mask_token_id: int = -1
+  initializer_range: float = 0.02
+  layer_norm_eps: float = 1e-12  # BERT value, official LAYERNORM_EPSILON
+
+  def validate(self, prefix: str = "transformer") -> None:
+    _check_int(self.num_layers, f"{prefix}.num_layers", 1)
+    _check_int(self.num_embeds, f"{prefix}.num_embeds", 1)
+    _check_int(self.num_heads, f"{prefix}.num_heads", 1)
+    _check(self.num_embeds % self.num_heads == 0, f"{prefix}.num_heads",
+           f"must divide num_embeds={self.num_embeds}, got {self.num_heads}")
+    _check_int(self.intermediate_size, f"{prefix}.intermediate_size", 1)
+    _check_float(self.dropout_rate, f"{prefix}.dropout_rate", 0.0, 1.0)
+    _check(self.dropout_rate < 1.0, f"{prefix}.dropout_rate", "must be < 1")
+    _check(self.mask_token_id == -1, f"{prefix}.mask_token_id",
+           "must be -1 (the official id; it indexes the last embedding row)")
+    _check_float(self.initializer_range, f"{prefix}.initializer_range", 0.0, lo_open=True)
+    _check_float(self.layer_norm_eps, f"{prefix}.layer_norm_eps", 0.0, lo_open=True)
+
+  @property
+  def head_dim(self) -> int:
+    return self.num_embeds // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Iterative parallel decoding. Defaults are the official decoder (`parallel_decode.decode`)."""
+  num_iter: int = 8
+  start_iter: int = 0
+  choice_temperature: float = 4.5  # official `sample_choice_temperature`
+  mask_schedule: str = "cosine"
+  # Editing (official demo): decoding starts at this step from partially known tokens.
+  edit_start_iter: int = 2
+
+  def validate(self, prefix: str = "sampler") -> None:
+    _check_int(self.num_iter, f"{prefix}.num_iter", 1)
+    _check_int(self.start_iter, f"{prefix}.start_iter", 0, self.num_iter - 1)
+    _check_float(self.choice_temperature, f"{prefix}.choice_temperature", 0.0)
+    check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
+    _check_int(self.edit_start_iter, f"{prefix}.edit_start_iter", 0, self.num_iter - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Transformer training recipe (official maskgit_class_cond_config defaults)."""
+  batch_size: int = 256
+  num_train_steps: int = 2_000_000
+  lr: float = 1e-4
+  beta1: float = 0.9
+  beta2: float = 0.96
+  weight_decay: float = 4.5e-2
+  warmup_steps: int = 5000
+  lr_schedule: str = "constant"  # after warmup: "constant" or "cosine"
+  grad_clip_norm: float = 1.0  # 0 disables clipping
+  label_smoothing: float = 0.1
+  mask_schedule: str = "cosine"
+  compute_loss_for_all: bool = False  # official default: loss on masked tokens only
+  polyak_decay: float = 0.999  # EMA of the weights; 0 disables it
+  class_dropout: float = 0.0  # probability of replacing the label by the null class (classifier-free guidance)
+  precision: str = "parity"  # "parity" (float32, highest matmul precision) or "fast" (bfloat16 compute)
+  seed: int = 42
+  log_every_steps: int = 50
+  checkpoint_every_steps: int = 10_000
+  keep_checkpoints: int = 3
+
+  def validate(self, prefix: str = "train") -> None:
+    _check_int(self.batch_size, f"{prefix}.batch_size", 1)
+    _check_int(self.num_train_steps, f"{prefix}.num_train_steps", 1)
+    _check_float(self.lr, f"{prefix}.lr", 0.0, lo_open=True)
+    _check_float(self.beta1, f"{prefix}.beta1", 0.0, 1.0)
+    _check_float(self.beta2, f"{prefix}.beta2", 0.0, 1.0)
+    _check_float(self.weight_decay, f"{prefix}.weight_decay", 0.0)
+    _check_int(self.warmup_steps, f"{prefix}.warmup_steps", 0)
+    _check_choice(self.lr_schedule, f"{prefix}.lr_schedule", ("constant", "cosine"))
+    _check_float(self.grad_clip_norm, f"{prefix}.grad_clip_norm", 0.0)
+    _check_float(self.label_smoothing, f"{prefix}.label_smoothing", 0.0, 1.0)
+    check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
+    _check(isinstance(self.compute_loss_for_all, bool), f"{prefix}.compute_loss_for_all", "must be true or false")
+    _check_float(self.polyak_decay, f"{prefix}.polyak_decay", 0.0, 1.0)
+    _check_float(self.class_dropout, f"{prefix}.class_dropout", 0.0, 1.0)
+    _check_choice(self.precision, f"{prefix}.precision", ("parity", "fast"))
+    _check_int(self.seed, f"{prefix}.seed", 0)
+    _check_int(self.log_every_steps, f"{prefix}.log_every_steps", 1)
+    _check_int(self.checkpoint_every_steps, f"{prefix}.checkpoint_every_steps", 1)
+    _check_int(self.keep_checkpoints, f"{prefix}.keep_checkpoints", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where training images come from."""
+  dataset: str = "synthetic"  # "synthetic" (built in, offline), "folder" (class per subfolder), "tokens" (a cache)
+  data_dir: str = ""
+  token_cache: str = ""
+  random_flip: bool = True
+  num_workers: int = 0
+
+  def validate(self, prefix: str = "data") -> None:
+    _check_choice(self.dataset, f"{prefix}.dataset", ("synthetic", "folder", "tokens"))
+    _check(isinstance(self.data_dir, str), f"{prefix}.data_dir", "must be a string")
+    _check(isinstance(self.token_cache, str), f"{prefix}.token_cache", "must be a string")
+    if self.dataset == "folder":
+      _check(bool(self.data_dir), f"{prefix}.data_dir", "is required when data.dataset='folder'")
+    if self.dataset == "tokens":
+      _check(bool(self.token_cache), f"{prefix}.token_cache", "is required when data.dataset='tokens'")
+    _check_int(self.num_workers, f"{prefix}.num_workers", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskGITConfig:
+  """The whole model: tokenizer + transformer + how to sample, train and read data.
+
+  Derived sizes (FORMAT.md notation): f = downsample_factor, h = latent_size, L = num_tokens = h*h,
+  S = seq_len = L + 1 (class token first), K = codebook_size, V = vocab_size = K + num_class + 1.
+  """
+  name: str = "custom"
+  image_size: int = 256
+  num_class: int = 1000
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  transformer: TransformerConfig = TransformerConfig()
+  sampler: SamplerConfig = SamplerConfig()
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    _check(isinstance(self.name, str), "name", "must be a string")
+    _check_int(self.image_size, "image_size", 1)
+    _check_int(self.num_class, "num_class", 1)
+    for section in ("tokenizer", "transformer", "sampler", "train", "data"):
+      getattr(self, section).validate(section)
+    f = self.tokenizer.downsample_factor
+    _check(self.image_size % f == 0, "image_size",
+           f"must be a multiple of the tokenizer's downsampling factor {f} "
+           f"(2 ** (len(tokenizer.channel_multipliers) - 1)), got {self.image_size}")
+
+  # Derived sizes -------------------------------------------------------------------------------------------------
+  @property
+  def downsample_factor(self) -> int:
+    return self.tokenizer.downsample_factor
+
+  @property
+  def latent_size(self) -> int:
+    return self.image_size // self.downsample_factor
+
+  @property
+  def num_tokens(self) -> int:
+    return self.latent_size ** 2
+
+  @property
+  def seq_len(self) -> int:
+    return self.num_tokens + 1
+
+  @property
+  def codebook_size(self) -> int:
+    return self.tokenizer.codebook_size
+
+  @property
+  def vocab_size(self) -> int:
+    return self.codebook_size + self.num_class + 1
+
+  @property
+  def mask_token_id(self) -> int:
+    return self.transformer.mask_token_id
+
+  # Copies, overrides and JSON ------------------------------------------------------------------------------------
+  def replace(self, **changes) -> "MaskGITConfig":
+    return dataclasses.replace(self, **changes)
+
+  def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any]) -> "MaskGITConfig":
+    """Applies dotted overrides, e.g. ["transformer.num_layers=4", "sampler.mask_schedule=arccos"].
+
+    Values are parsed as JSON where possible ("4", "true", "[1, 2]"), else taken as strings.
+    """
+    data = self.to_dict()
+    items = overrides.items() if isinstance(overrides, Mapping) else [_split_override(o) for o in overrides]
+    for key, value in items:
+      if isinstance(value, str):
+        value = _parse_value(value)
+      node = data
+      parts = key.split(".")
+      for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+          raise ConfigError(f"{key}: unknown config section {part!r}; sections: "
+                            f"{sorted(k for k, v in data.items() if isinstance(v, dict))}")
+        node = node[part]
+      if parts[-1] not in node:
+        raise ConfigError(f"{key}: unknown field {parts[-1]!r}; fields here: {sorted(node)}")
+      node[parts[-1]] = value
+    return MaskGITConfig.from_dict(data)
+
+  def to_dict(self) -> dict:
+    data = dataclasses.asdict(self)
+    data["schema_version"] = SCHEMA_VERSION
+    return data
+
+  def to_json(self) -> str:
+    return json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> "MaskGITConfig":
+    data = dict(data)
+    version = data.pop("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+      raise ConfigError(f"schema_version: this code reads version {SCHEMA_VERSION}, got {version!r}")
+    return _build(cls, data, "")
+
+  @classmethod
+  def from_json(cls, text: str) -> "MaskGITConfig":
+    return cls.from_dict(json.loads(text))
+
+  def save(self, path: str) -> None:
+    """Writes the JSON atomically (temp file + rename), so a crash never leaves half a config."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(self.to_json() + "\n")
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str) -> "MaskGITConfig":
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError as e:
+      raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+      return cls.from_dict(data)
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from None
+
+  @classmethod
+  def from_official(cls, official: Mapping[str, Any], name: str = "official") -> "MaskGITConfig":
+    """Builds the config from an official MaskGIT `ConfigDict` (as a dict), e.g. a golden fixture's config.json."""
+    vq = official["vqvae"]
+    tr = official["transformer"]
+    tokenizer = TokenizerConfig(
+        filters=vq["filters"], channel_multipliers=tuple(vq["channel_multipliers"]),
+        num_res_blocks=vq["num_res_blocks"], embedding_dim=vq["embedding_dim"],
+        codebook_size=vq["codebook_size"], norm_type=vq.get("norm_type", "GN"),
+        activation_fn=vq.get("activation_fn", "swish"), quantizer=vq.get("quantizer", "vq"),
+        conv_downsample=vq.get("conv_downsample", False),
+        commitment_cost=vq.get("commitment_cost", 0.25),
+        entropy_loss_ratio=vq.get("entropy_loss_ratio", 0.1),
+        entropy_temperature=vq.get("entropy_temperature", 0.01),
+        entropy_loss_type=vq.get("entropy_loss_type", "softmax"))
+    transformer = TransformerConfig(
+        num_layers=tr["num_layers"], num_embeds=tr["num_embeds"], num_heads=tr["num_heads"],
+        intermediate_size=tr["intermediate_size"], dropout_rate=tr.get("dropout_rate", 0.1),
+        mask_token_id=tr.get("mask_token_id", -1))
+    decode = official.get("decode", {})
+    schedule = decode.get("mask_scheduling_method", official.get("mask_scheduling_method", "cosine"))
+    sampler = SamplerConfig(
+        num_iter=decode.get("num_iter", SamplerConfig.num_iter),
+        start_iter=decode.get("start_iter", 0),
+        choice_temperature=decode.get("choice_temperature", official.get("sample_choice_temperature", 4.5)),
+        mask_schedule=schedule,
+        edit_start_iter=decode.get("edit_start_iter", SamplerConfig.edit_start_iter))
+    train = TrainConfig(
+        label_smoothing=official.get("label_smoothing", 0.1),
+        mask_schedule=official.get("mask_scheduling_method", "cosine"),
+        compute_loss_for_all=official.get("compute_loss_for_all", False),
+        polyak_decay=official.get("polyak_decay", 0.999),
+        seed=official.get("seed", 42))
+    return cls(name=name, image_size=official["image_size"], num_class=official["num_class"],
+               tokenizer=tokenizer, transformer=transformer, sampler=sampler, train=train)
+
+
+# Helpers -------------------------------------------------------------------------------------------------------
+def _split_override(item: str) -> tuple[str, str]:
+  if "=" not in item:
+    raise ConfigError(f"override {item!r} must look like section.field=value")
+  key, value = item.split("=", 1)
+  return key.strip(), value.strip()
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def _jsonable(value):
+  if isinstance(value, tuple):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  return value
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str):
+  """Builds dataclass `cls` from a dict, recursively, with errors that name the dotted field."""
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a JSON object, got {type(data).__name__}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(f"{prefix}{unknown[0]}: unknown field; fields of {prefix.rstrip('.') or 'the config'}: "
+                      f"{sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for name, value in data.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      value = _build(hint, value, f"{prefix}{name}.")
+    elif typing.get_origin(hint) is tuple:
+      if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{prefix}{name}: must be a list, got {value!r}")
+      value = tuple(value)
+    elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    elif hint is bool and not isinstance(value, bool):
+      raise ConfigError(f"{prefix}{name}: must be true or false, got {value!r}")
+    elif hint is str and not isinstance(value, str):
+      raise ConfigError(f"{prefix}{name}: must be a string, got {value!r}")
+    kwargs[name] = value
+  if cls is MaskGITConfig:
+    return cls(**kwargs)
+  obj = cls(**kwargs)
+  obj.validate(prefix.rstrip(".") or cls.__name__)
+  return obj
