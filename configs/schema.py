@@ -220,6 +220,8 @@ class DataConfig:
   token_cache: str = ""
   random_flip: bool = True
   num_workers: int = 0
+  class_names: tuple[str, ...] = ()  # optional, for labelled sample grids; empty = numbers
+
 
   def validate(self, prefix: str = "data") -> None:
     _check_choice(self.dataset, f"{prefix}.dataset", ("synthetic", "folder", "tokens"))
@@ -230,6 +232,8 @@ class DataConfig:
     if self.dataset == "tokens":
       _check(bool(self.token_cache), f"{prefix}.token_cache", "is required when data.dataset='tokens'")
     _check_int(self.num_workers, f"{prefix}.num_workers", 0)
+    for i, name in enumerate(self.class_names):
+      _check(isinstance(name, str), f"{prefix}.class_names[{i}]", f"must be a string, got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +261,8 @@ class MaskGITConfig:
     _check_int(self.num_class, "num_class", 1)
     for section in ("tokenizer", "transformer", "sampler", "train", "data"):
       getattr(self, section).validate(section)
+    _check(not self.data.class_names or len(self.data.class_names) == self.num_class, "data.class_names",
+           f"must be empty or name all num_class={self.num_class} classes, got {len(self.data.class_names)}")
     f = self.tokenizer.downsample_factor
     _check(self.image_size % f == 0, "image_size",
            f"must be a multiple of the tokenizer's downsampling factor {f} "
