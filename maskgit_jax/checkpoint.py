@@ -1,0 +1,142 @@
+"""Official-layout flax msgpack checkpoints: load (with a full tree check), atomic save, init and expected shapes.
+
+A checkpoint file is the flax `serialization.to_bytes` encoding of `{"params": {...}}` with float32 leaves, the
+container of the released MaskGIT checkpoints. Every failure is a `CheckpointError` that names the file.
+"""
+
+import os
+import tempfile
+from typing import Any, Mapping
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import MaskGITConfig
+from maskgit_jax.tokenizer import VQVAE
+from maskgit_jax.transformer import Transformer
+
+MODELS = ("tokenizer", "transformer")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is missing, unreadable, or does not hold the expected parameter tree."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  """Nested mappings -> {"params/a/b": leaf}; anything that is not a mapping is a leaf."""
+  flat = {}
+  for name, value in tree.items():
+    path = f"{prefix}{name}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, path + "/"))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _shape_dtype(leaf) -> tuple[tuple, Any]:
+  """(shape, dtype or None) of an array, a ShapeDtypeStruct, or a bare shape tuple."""
+  if isinstance(leaf, (tuple, list)):
+    return tuple(leaf), None
+  if hasattr(leaf, "shape"):
+    return tuple(leaf.shape), np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else None
+  return None, type(leaf).__name__  # not an array at all (e.g. a scalar stored in the file)
+
+
+def compare_trees(found: Mapping, expected: Mapping) -> list[str]:
+  """Every missing, unexpected, mis-shaped and mis-typed leaf path, one line each (empty when they agree)."""
+  found, expected = _flatten(found), _flatten(expected)
+  problems = []
+  for path in sorted(set(expected) - set(found)):
+    shape, dtype = _shape_dtype(expected[path])
+    problems.append(f"missing    {path}: expected {shape}" + (f" {dtype}" if dtype else ""))
+  for path in sorted(set(found) - set(expected)):
+    shape, dtype = _shape_dtype(found[path])
+    problems.append(f"unexpected {path}: {shape} {dtype}")
+  for path in sorted(set(found) & set(expected)):
+    (shape, dtype), (want_shape, want_dtype) = _shape_dtype(found[path]), _shape_dtype(expected[path])
+    if shape != want_shape:
+      problems.append(f"shape      {path}: file has {shape}, expected {want_shape}")
+    elif want_dtype is not None and dtype != want_dtype:
+      problems.append(f"dtype      {path}: file has {dtype}, expected {want_dtype}")
+  return problems
+
+
+def load_msgpack_params(path: str, expected=None, *, expected_tree=None) -> dict:
+  """Reads an official-layout msgpack checkpoint -> {"params": nested dict of np.ndarray}.
+
+  Args:
+    path: the .msgpack file.
+    expected: optional tree of arrays / ShapeDtypeStructs / shape tuples, with or without the top-level "params"
+      key (e.g. `expected_shapes(config, "transformer")`). Every leaf is compared; a mismatch raises ONE
+      CheckpointError listing every missing, unexpected and mis-shaped path with both shapes.
+    expected_tree: the same as `expected` (the name docs/API.md uses).
+  """
+  if expected is None:
+    expected = expected_tree
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint file not found: {path}")
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path} is a directory; expected a flax msgpack checkpoint file")
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror}") from None
+  if not data:
+    raise CheckpointError(f"{path} is empty; expected a flax msgpack checkpoint")
+  try:
+    variables = flax.serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several types (ExtraData, ValueError, ...); report them all the same way
+    raise CheckpointError(f"{path} is not a readable flax msgpack checkpoint (truncated, corrupted or another "
+                          f"format): {type(e).__name__}: {e}") from None
+  if not isinstance(variables, dict) or "params" not in variables:
+    keys = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
+    raise CheckpointError(f"{path} does not hold a flax variables dict with a 'params' key (found {keys})")
+  if expected is not None:
+    if "params" not in expected:
+      expected = {"params": expected}
+    problems = compare_trees({"params": variables["params"]}, expected)
+    if problems:
+      raise CheckpointError(f"{path}: the parameter tree does not match the config ({len(problems)} problems):\n  "
+                            + "\n  ".join(problems))
+  return {"params": variables["params"]}
+
+
+def save_msgpack_params(path: str, variables) -> None:
+  """Writes flax `to_bytes(variables)` atomically (temp file in the same directory + os.replace)."""
+  data = flax.serialization.to_bytes(variables)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _model_and_input(config: MaskGITConfig, which: str):
+  if which == "tokenizer":
+    return VQVAE(config), jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  if which == "transformer":
+    return Transformer(config), jnp.zeros((1, config.seq_len), jnp.int32)
+  raise ValueError(f"which must be one of {MODELS}, got {which!r}")
+
+
+def init_variables(config: MaskGITConfig, which: str, rng: jax.Array) -> dict:
+  """Freshly initialised {"params": ...} for "tokenizer" or "transformer", with the official initializers."""
+  model, dummy = _model_and_input(config, which)
+  return dict(model.init(rng, dummy))
+
+
+def expected_shapes(config: MaskGITConfig, which: str) -> dict:
+  """{"params": tree of jax.ShapeDtypeStruct} for the config, via jax.eval_shape (nothing is allocated)."""
+  return jax.eval_shape(lambda: init_variables(config, which, jax.random.PRNGKey(0)))

@@ -1,0 +1,68 @@
+"""The parity report: package versions, the JSON file (DESIGN §4) and the table printed to stdout."""
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import tempfile
+
+# Read from the installed distributions, so recording a version never imports jax or torch.
+_PACKAGES = ("numpy", "jax", "jaxlib", "flax", "torch", "msgpack", "safetensors", "maskgit")
+
+
+def versions():
+  found = {"python": platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = None
+  found["platform"] = f"{platform.system()} {platform.machine()}"
+  return found
+
+
+def write_report(report, path):
+  """Writes the JSON atomically (temp file + rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".parity.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(report, f, indent=2, allow_nan=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _num(value):
+  return "-" if value is None else f"{value:.3g}"
+
+
+def format_table(report):
+  """Case, check, pass, max diff, tolerance; then the detail of every failed check."""
+  rows = [(case, check, "PASS" if r["passed"] else "FAIL", _num(r["max_abs_diff"]), _num(r["tolerance"]))
+          for case, checks in report["cases"].items() for check, r in checks.items()]
+  header = ("case", "check", "pass", "max diff", "tolerance")
+  widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+  out = [f"device: {report['device']}   precision: {report['precision']}",
+         line(header), line("-" * w for w in widths)]
+  out += [line(row) for row in rows]
+  failed = [(case, check, r["detail"]) for case, checks in report["cases"].items()
+            for check, r in checks.items() if not r["passed"]]
+  if failed:
+    out.append("")
+    out += [f"FAIL {case} {check}: {detail}" for case, check, detail in failed]
+  total = sum(len(checks) for checks in report["cases"].values())
+  out.append("")
+  out.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {total - len(failed)}/{total} checks passed")
+  return "\n".join(out)
+
+
+def print_progress(case, check, r):
+  status = "PASS" if r["passed"] else "FAIL"
+  print(f"[parity] {case} {check}: {status} (max diff {_num(r['max_abs_diff'])})", file=sys.stderr, flush=True)

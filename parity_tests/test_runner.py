@@ -1,0 +1,179 @@
+"""The parity runner on the vendored golden cases: everything passes, the report has DESIGN §4's schema, and a
+perturbed fixture makes exactly the check that covers it fail (so the runner can fail)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from parity_tests import runner
+from parity_tests.case import GoldenDirError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+CASES = sorted(d for d in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, d, "config.json")))
+LATENT_CHECKS = ("tokenizer.decode", "transformer.logits")
+EXACT_CHECKS = ("tokenizer.codes", "schedule", "decode.tokens", "edit.tokens")
+TOLERANCES = {"jax": 1e-5, "torch": 1e-4}  # DESIGN §3
+
+
+def _failed(report):
+  return {(case, name) for case, checks in report["cases"].items() for name, r in checks.items() if not r["passed"]}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+  """One run of both backends over every vendored case, shared by the assertions below."""
+  path = str(tmp_path_factory.mktemp("clean") / "report.json")
+  report = runner.run_parity(DATA, "both", report_path=path)
+  with open(path) as f:
+    return report, json.load(f)
+
+
+def test_every_check_passes_on_the_vendored_cases(clean):
+  report, _ = clean
+  failed = {f"{c}/{n}": report["cases"][c][n]["detail"] for c, n in _failed(report)}
+  assert not failed, failed
+  assert report["passed"] is True
+
+
+def test_report_schema_and_names(clean):
+  report, written = clean
+  assert written == report  # the JSON file holds exactly the returned report
+  assert {"device", "precision", "versions", "passed", "cases"} <= set(report)
+  assert report["precision"] == "parity"
+  assert isinstance(report["device"], str) and "jax" in report["device"] and "torch" in report["device"]
+  assert {"python", "numpy", "jax", "jaxlib", "flax", "torch"} <= set(report["versions"])
+  assert sorted(report["cases"]) == CASES
+  for case, checks in report["cases"].items():
+    has_edit = os.path.isfile(os.path.join(DATA, case, "edit.npz"))
+    expected = {f"{b}.{c}" for b in ("jax", "torch") for c in LATENT_CHECKS + EXACT_CHECKS
+                if c != "edit.tokens" or has_edit}
+    assert set(checks) == expected | {"conversion.roundtrip"}, case
+    for name, r in checks.items():
+      assert set(r) == {"passed", "max_abs_diff", "tolerance", "detail"}, name
+      assert isinstance(r["passed"], bool) and isinstance(r["detail"], str) and r["detail"], name
+      backend, check = name.split(".", 1)
+      tolerance = TOLERANCES[backend] if check in LATENT_CHECKS else 0.0
+      assert r["tolerance"] == tolerance, name
+      assert isinstance(r["max_abs_diff"], float) and 0.0 <= r["max_abs_diff"] <= tolerance, name
+
+
+def test_jax_prng_decode_is_part_of_the_decode_check(clean):
+  # The fixtures were made with jax 0.10.2: there the official key splitting must reproduce final_seqs; on any
+  # other jax the sub-check says why it does not apply.
+  for checks in clean[0]["cases"].values():
+    detail = checks["jax.decode.tokens"]["detail"]
+    assert "PRNGNoise(rng_key)" in detail
+    assert "final_seqs: identical" in detail.split("PRNGNoise(rng_key)")[1] or "not applicable" in detail
+
+
+# Perturbations: one copied case, one fixture array changed, exactly the covering check fails. ------------------
+def _smallest_case():
+  size = lambda c: sum(os.path.getsize(os.path.join(DATA, c, f)) for f in os.listdir(os.path.join(DATA, c)))
+  return min(CASES, key=size)
+
+
+def _edit_npz(path, **changes):
+  with np.load(path) as data:
+    arrays = {k: data[k].copy() for k in data.files}
+  for key, fn in changes.items():
+    arrays[key] = fn(arrays[key])
+  np.savez(path, **arrays)
+
+
+def _bump_first(delta):
+  def fn(a):
+    a.reshape(-1)[0] += delta
+    return a
+  return fn
+
+
+def _flip_code(k):
+  def fn(a):
+    a.reshape(-1)[0] = (a.reshape(-1)[0] + 1) % k
+    return a
+  return fn
+
+
+def _change_token(a):
+  a[0, -1, -1] = (a[0, -1, -1] + 1) % max(2, int(a.max()) + 1)  # last step is fully filled, so any id >= 0
+  return a
+
+
+def _run_main(case_dir, tmp_path, backend):
+  report_path = str(tmp_path / "report.json")
+  status = runner.main(["--golden", os.path.dirname(case_dir), "--backend", backend, "--report", report_path])
+  with open(report_path) as f:
+    return status, json.load(f)
+
+
+@pytest.fixture
+def case_copy(tmp_path):
+  name = _smallest_case()
+  # Same directory name as the original, so the config (and the jitted functions cached for it) are the same.
+  dst = tmp_path / "golden" / name
+  shutil.copytree(os.path.join(DATA, name), dst)
+  return str(dst)
+
+
+def test_perturbed_logits_fail_only_the_logits_checks_and_name_the_layer(case_copy, tmp_path):
+  _edit_npz(os.path.join(case_copy, "transformer_io.npz"), logits_partial=_bump_first(1e-3))
+  _edit_npz(os.path.join(case_copy, "transformer_intermediates.npz"),
+            **{"TransformerLayer_0/Mlp_0/layer_output": _bump_first(1e-3)})
+  status, report = _run_main(case_copy, tmp_path, "both")
+  name = os.path.basename(case_copy)
+  assert status == 1 and report["passed"] is False
+  assert _failed(report) == {(name, "jax.transformer.logits"), (name, "torch.transformer.logits")}
+  for backend in ("jax", "torch"):
+    r = report["cases"][name][f"{backend}.transformer.logits"]
+    assert 1e-3 * 0.99 < r["max_abs_diff"] < 1e-3 * 1.01
+    assert "first diverging intermediate (ids_row0): TransformerLayer_0/Mlp_0/layer_output" in r["detail"]
+
+
+@pytest.mark.parametrize("filename,key,change,expected", [
+    # A flipped code: the codes differ, and so does the image decoded from the fixture codes.
+    ("tokenizer_io.npz", "codes", "flip_code", ("tokenizer.codes", "tokenizer.decode")),
+    # Codes still identical, but the encoder output is off by 1e-3: the latent bound belongs to the codes check.
+    ("tokenizer_io.npz", "encoder_output", 1e-3, ("tokenizer.codes",)),
+    ("tokenizer_io.npz", "random_codes_decoded", 1e-3, ("tokenizer.decode",)),
+    ("mask_schedule.npz", "mask_ratio_cosine", 1e-7, ("schedule",)),
+    ("decode.npz", "final_seqs", "change_token", ("decode.tokens",)),
+    ("edit.npz", "edit_step_masking", "flip", ("edit.tokens",)),
+])
+def test_perturbed_fixture_fails_exactly_its_check(case_copy, tmp_path, filename, key, change, expected):
+  if change == "flip_code":
+    fn = _flip_code(json.load(open(os.path.join(case_copy, "config.json")))["vqvae"]["codebook_size"])
+  elif change == "change_token":
+    fn = _change_token
+  elif change == "flip":
+    fn = lambda a: np.logical_xor(a, np.eye(1, a.size, dtype=bool).reshape(a.shape))
+  else:
+    fn = _bump_first(change)
+  _edit_npz(os.path.join(case_copy, filename), **{key: fn})
+  status, report = _run_main(case_copy, tmp_path, "torch")
+  name = os.path.basename(case_copy)
+  assert status == 1
+  assert _failed(report) == {(name, f"torch.{c}") for c in expected}
+
+
+def test_a_raising_check_is_recorded_and_the_run_goes_on(case_copy, tmp_path):
+  os.remove(os.path.join(case_copy, "mask_schedule.npz"))
+  status, report = _run_main(case_copy, tmp_path, "torch")
+  name = os.path.basename(case_copy)
+  assert status == 1
+  assert _failed(report) == {(name, "torch.schedule")}
+  r = report["cases"][name]["torch.schedule"]
+  assert r["detail"].startswith("FileNotFoundError") and r["max_abs_diff"] is None
+
+
+def test_missing_or_empty_golden_dir_is_a_clear_error(tmp_path, capsys):
+  missing = str(tmp_path / "nope")
+  assert runner.main(["--golden", missing, "--backend", "torch"]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert runner.main(["--golden", str(tmp_path / "empty"), "--backend", "jax"]) == 2
+  assert "holds no case" in capsys.readouterr().err
+  with pytest.raises(GoldenDirError):
+    runner.run_parity(missing, "both")
