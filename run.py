@@ -35,7 +35,12 @@ flags.DEFINE_string("classes", None, "Comma-separated class labels to sample (de
 flags.DEFINE_integer("steps", None, "Decoding steps (default: the config's sampler.num_iter).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("out", None, "Output PNG (sample/edit).")
-flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs).")
+flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs); an existing run resumes.")
+flags.DEFINE_enum("stage", "transformer", ["tokenizer", "transformer", "all"],
+                  "train: which model to train. tokenizer exports <workdir>/tokenizer, which the transformer stage "
+                  "then uses; all = tokenizer, then transformer.")
+flags.DEFINE_string("tokenizer", None, "train: tokenizer checkpoint for the transformer stage (default "
+                    "<workdir>/tokenizer, else a random tokenizer with a warning).")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
                     "or safetensors).")
 flags.DEFINE_string("dst", None, "convert: destination directory (must not exist or be empty).")
@@ -138,7 +143,7 @@ def cmd_convert() -> None:
   for name in ("src", "dst", "to"):
     if not getattr(FLAGS, name):
       raise UsageError(f"convert needs --{name}")
-  from conversion import convert
+  from conversion import convert  # the submodule
   config = None
   if FLAGS.config:
     import configs
@@ -160,16 +165,23 @@ def cmd_parity() -> int:
 def cmd_train() -> None:
   if not FLAGS.workdir:
     raise UsageError("train needs --workdir DIR (checkpoints and logs go there; an existing run resumes)")
+  if FLAGS.tokenizer and FLAGS.stage == "tokenizer":
+    raise UsageError("--tokenizer is the input of the transformer stage; --stage tokenizer trains one")
   import configs
   config = configs.resolve(FLAGS.config or "tiny").with_overrides(FLAGS.set)
   backend = model_backend()
   require_backend(backend)
   set_precision(backend, config.train.precision)
   if backend == "torch":
-    from maskgit_torch import train
+    from maskgit_torch import train, train_tokenizer
   else:
-    from maskgit_jax import train
-  train.train(config, FLAGS.workdir)
+    from maskgit_jax import train, train_tokenizer
+  if FLAGS.stage in ("tokenizer", "all"):
+    summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir)
+    print(f"tokenizer: {summary['step']} steps, exported to {summary['export_dir']}")
+  if FLAGS.stage in ("transformer", "all"):
+    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer)
+    print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
 
 
 def cmd_edit() -> None:
@@ -213,7 +225,10 @@ def _user_errors() -> tuple[type, ...]:
   errors.append(ConfigError)
   for module, name in (("maskgit_common.msgpack_io", "CheckpointFormatError"),
                        ("conversion.convert", "ConversionError"),
-                       ("maskgit_jax.checkpoint", "CheckpointError")):
+                       ("maskgit_jax.checkpoint", "CheckpointError"),
+                       ("maskgit_torch.checkpoint", "CheckpointError"),
+                       ("maskgit_common.token_cache", "TokenCacheError"),
+                       ("maskgit_common.training", "NonFiniteLossError")):
     if module in sys.modules:
       errors.append(getattr(sys.modules[module], name))
   return tuple(errors)

@@ -42,11 +42,12 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 class Embed(nn.Module):
   """Official `Embed`: word + position embeddings, then LayerNorm (no extra projection, no token types)."""
 
-  def __init__(self, vocab_size: int, seq_len: int, hidden: int, eps: float):
+  def __init__(self, vocab_size: int, seq_len: int, hidden: int, eps: float, dropout_rate: float = 0.0):
     super().__init__()
     self.word_embeddings = nn.Embedding(vocab_size, hidden)
     self.position_embeddings = nn.Embedding(seq_len, hidden)
     self.embeddings_ln = LayerNorm(hidden, eps=eps)
+    self.dropout = nn.Dropout(dropout_rate)
 
   def forward(self, input_ids: torch.Tensor, record: dict | None = None) -> torch.Tensor:
     # The mask id -1 indexes the last row (V-1): the official jnp.take wraps negative indices like Python.
@@ -54,7 +55,7 @@ class Embed(nn.Module):
     word = self.word_embeddings(ids)
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None, :]
     pos = self.position_embeddings(positions)
-    out = self.embeddings_ln(word + pos)
+    out = self.dropout(self.embeddings_ln(word + pos))
     if record is not None:
       record.update({"Embed_0/word_embeddings": word, "Embed_0/position_embeddings": pos, "Embed_0": out})
     return out
@@ -63,8 +64,9 @@ class Embed(nn.Module):
 class SelfAttention(nn.Module):
   """flax `SelfAttention` with biased q/k/v/out projections; heads are contiguous blocks of head_dim features."""
 
-  def __init__(self, hidden: int, num_heads: int):
+  def __init__(self, hidden: int, num_heads: int, dropout_rate: float = 0.0):
     super().__init__()
+    self.dropout_rate = dropout_rate
     self.num_heads = num_heads
     self.head_dim = hidden // num_heads
     self.query = nn.Linear(hidden, hidden)
@@ -79,7 +81,14 @@ class SelfAttention(nn.Module):
     v = self.value(x).view(b, s, self.num_heads, self.head_dim)
     # The official attention mask is all ones (every token sees every token), so no mask is passed.
     # Default scale 1/sqrt(head_dim), as flax's dot_product_attention applies to the query.
-    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if self.training and self.dropout_rate > 0:
+      # As flax (broadcast_dropout=True): one dropout mask over (q, k) shared by the batch and the heads, which
+      # SDPA's per-element dropout cannot express; so the attention is written out in training.
+      probs = torch.softmax((q.transpose(1, 2) / self.head_dim ** 0.5) @ k.permute(0, 2, 3, 1), dim=-1)
+      keep = torch.rand(probs.shape[-2:], device=x.device) >= self.dropout_rate
+      attn = (probs * keep / (1 - self.dropout_rate)) @ v.transpose(1, 2)
+    else:
+      attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     out = self.out(attn.transpose(1, 2).reshape(b, s, d))
     if record is not None:
       record.update({prefix + "query": q, prefix + "key": k, prefix + "value": v, prefix + "out": out})
@@ -89,13 +98,14 @@ class SelfAttention(nn.Module):
 class Attention(nn.Module):
   """Official `Attention`: self-attention, then post-LN around the residual."""
 
-  def __init__(self, hidden: int, num_heads: int, eps: float):
+  def __init__(self, hidden: int, num_heads: int, eps: float, dropout_rate: float = 0.0):
     super().__init__()
-    self.self_attention = SelfAttention(hidden, num_heads)
+    self.self_attention = SelfAttention(hidden, num_heads, dropout_rate)
+    self.dropout = nn.Dropout(dropout_rate)
     self.attention_output_ln = LayerNorm(hidden, eps=eps)
 
   def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
-    out = self.attention_output_ln(self.self_attention(x, record, prefix + "self_attention/") + x)
+    out = self.attention_output_ln(self.dropout(self.self_attention(x, record, prefix + "self_attention/")) + x)
     if record is not None:
       record[prefix + "attention_output_ln"] = out
     return out
@@ -104,16 +114,17 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   """Official `Mlp`: Dense -> tanh GELU -> Dense, then post-LN around the residual."""
 
-  def __init__(self, hidden: int, intermediate: int, eps: float):
+  def __init__(self, hidden: int, intermediate: int, eps: float, dropout_rate: float = 0.0):
     super().__init__()
     self.intermediate_output = nn.Linear(hidden, intermediate)
     self.layer_output = nn.Linear(intermediate, hidden)
+    self.dropout = nn.Dropout(dropout_rate)
     self.layer_output_ln = LayerNorm(hidden, eps=eps)
 
   def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
     inter = self.intermediate_output(x)
     layer_out = self.layer_output(gelu(inter))
-    out = self.layer_output_ln(layer_out + x)
+    out = self.layer_output_ln(self.dropout(layer_out) + x)
     if record is not None:
       record.update({prefix + "intermediate_output": inter, prefix + "layer_output": layer_out,
                      prefix + "layer_output_ln": out})
@@ -122,10 +133,10 @@ class Mlp(nn.Module):
 
 class TransformerLayer(nn.Module):
 
-  def __init__(self, hidden: int, num_heads: int, intermediate: int, eps: float):
+  def __init__(self, hidden: int, num_heads: int, intermediate: int, eps: float, dropout_rate: float = 0.0):
     super().__init__()
-    self.attention = Attention(hidden, num_heads, eps)
-    self.mlp = Mlp(hidden, intermediate, eps)
+    self.attention = Attention(hidden, num_heads, eps, dropout_rate)
+    self.mlp = Mlp(hidden, intermediate, eps, dropout_rate)
 
   def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
     return self.mlp(self.attention(x, record, prefix + "Attention_0/"), record, prefix + "Mlp_0/")
@@ -157,9 +168,12 @@ class Transformer(nn.Module):
     tr = config.transformer
     self.config = config
     eps = tr.layer_norm_eps
-    self.embed = Embed(config.vocab_size, config.seq_len, tr.num_embeds, eps)
+    # Dropout (train mode only) at the official places: after the embedding LN, on the attention probabilities,
+    # and on the attention and MLP outputs before their residuals. eval() (inference, parity) disables it.
+    self.embed = Embed(config.vocab_size, config.seq_len, tr.num_embeds, eps, tr.dropout_rate)
     self.layers = nn.ModuleList(
-        TransformerLayer(tr.num_embeds, tr.num_heads, tr.intermediate_size, eps) for _ in range(tr.num_layers))
+        TransformerLayer(tr.num_embeds, tr.num_heads, tr.intermediate_size, eps, tr.dropout_rate)
+        for _ in range(tr.num_layers))
     self.mlm = MlmLayer(tr.num_embeds, config.vocab_size, eps)
     self.reset_parameters()
 

@@ -139,9 +139,9 @@ def test_torch_path_never_imports_jax(tmp_path):
   code = f"""
 import sys
 import maskgit_torch, maskgit_torch.tokenizer, maskgit_torch.transformer, maskgit_torch.checkpoint
-import conversion
+from conversion.convert import convert
 from maskgit_common import msgpack_io
-conversion.convert({case_dir!r}, {str(tmp_path / 'out')!r}, to="torch")
+convert({case_dir!r}, {str(tmp_path / 'out')!r}, to="torch")
 config, tokenizer, transformer = maskgit_torch.load_checkpoint_dir({str(tmp_path / 'out')!r})
 assert tokenizer is not None and transformer is not None
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "jaxlib"))

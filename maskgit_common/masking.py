@@ -1,0 +1,130 @@
+"""Masked visual token modelling: the training inputs, as pure numpy functions of explicit random draws.
+
+The official MaskGIT release has no training loop; the recipe follows the paper (Chang et al. 2022, Sec. 3.2 "Masked
+Visual Token Modeling") and the released config (maskgit/configs/maskgit_class_cond_config.py):
+  - per example a ratio r ~ U[0, 1); mask_ratio = schedule(r) with the configured schedule (cosine by default),
+    the official `mask_schedule.schedule` (reproduced in numpy float32 by `mask_ratio`), clipped to [1e-6, 1];
+  - the number of masked tokens is ceil(mask_ratio * L) (the paper's "uniformly select ceil(gamma(r) * N) tokens");
+    since mask_ratio >= 1e-6 that is always >= 1, and we clamp it to L. The count is computed in float32, like the
+    schedule itself, so every backend gets the same integer from the same draw;
+  - which tokens: the n positions with the smallest i.i.d. uniform position draws, i.e. a uniformly random subset;
+  - masked positions hold the mask token id -1 (the official embedding lookup wraps it to row V-1);
+  - the class token K + label comes first, as in the official `create_input_tokens_normal`.
+Class dropout (classifier-free guidance; not in the official recipe): the class token is replaced, with probability
+`train.class_dropout`, by the null class. The official vocabulary (K codes + num_class classes + 1 mask row) has no
+spare row, so the null class is the mask token id -1: an unconditional input is "class unknown", which keeps the
+official parameter tree (and released checkpoints) unchanged. Samplers use the same id for the unconditional pass.
+
+All draws come in through `TrainingNoise`; `draw_noise(rng, ...)` makes them from a numpy Generator. Masks are built
+on the host, so the JAX and torch trainers (and any number of devices) see exactly the same masked batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import math
+
+import numpy as np
+
+# The null class used by class dropout (see the module docstring): the mask token id.
+NULL_CLASS_TOKEN = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingNoise:
+  """Every random draw behind one training batch of B examples with L tokens each."""
+  ratio: np.ndarray  # (B,) float32 in [0, 1): the schedule input r
+  position: np.ndarray  # (B, L) float32 in [0, 1): ranks choose which tokens are masked
+  class_drop: np.ndarray  # (B,) float32 in [0, 1): < class_dropout replaces the label by the null class
+  flip: np.ndarray  # (B,) float32 in [0, 1): < 0.5 takes the horizontally flipped codes (when flips are on)
+
+  def __getitem__(self, index) -> "TrainingNoise":
+    """The draws of a subset of the examples (e.g. one data-parallel shard)."""
+    return TrainingNoise(self.ratio[index], self.position[index], self.class_drop[index], self.flip[index])
+
+
+def draw_noise(rng: np.random.Generator, batch_size: int, num_tokens: int) -> TrainingNoise:
+  """Draws a batch's noise from `rng`, always in this order and these shapes (so it is reproducible)."""
+  return TrainingNoise(
+      ratio=rng.random(batch_size, dtype=np.float32),
+      position=rng.random((batch_size, num_tokens), dtype=np.float32),
+      class_drop=rng.random(batch_size, dtype=np.float32),
+      flip=rng.random(batch_size, dtype=np.float32))
+
+
+def mask_ratio(ratio, total_unknown: int, method: str = "cosine") -> np.ndarray:
+  """float32 numpy version of the official `mask_schedule.schedule` (maskgit/libml/mask_schedule.py).
+
+  Official methods: uniform (1 - r), powX (1 - r**X), cosine (cos(pi/2 r)), log (-log2 r / log2 N), exp
+  (1 - 2**(-log2 N (1 - r))); the seed's arccos (arccos(r) / (pi/2)), linear (1 - r), square (1 - r**2) and root
+  (1 - sqrt r) are accepted too. The result is clipped to [1e-6, 1] as in the official code.
+  """
+  r = np.asarray(ratio, np.float32)
+  n = np.float32(total_unknown)
+  with np.errstate(divide="ignore"):
+    if method in ("uniform", "linear"):
+      out = 1.0 - r
+    elif method.startswith("pow"):
+      out = 1.0 - r ** np.float32(float(method[3:]))
+    elif method == "cosine":
+      out = np.cos(np.float32(math.pi / 2.0) * r)
+    elif method == "log":
+      out = -np.log2(r) / np.log2(n)
+    elif method == "exp":
+      out = 1.0 - np.exp2(-np.log2(n) * (1.0 - r))
+    elif method == "arccos":
+      out = np.arccos(r) / np.float32(math.pi / 2.0)
+    elif method == "square":
+      out = 1.0 - r ** 2
+    elif method == "root":
+      out = 1.0 - np.sqrt(r)
+    else:
+      raise ValueError(f"unknown mask schedule {method!r}")
+  return np.clip(np.asarray(out, np.float32), np.float32(1e-6), np.float32(1.0))
+
+
+def num_masked(ratio: np.ndarray, num_tokens: int, method: str = "cosine") -> np.ndarray:
+  """(B,) int32 number of masked tokens: ceil(schedule(r) * L) in float32, within [1, L]."""
+  count = np.ceil(mask_ratio(ratio, num_tokens, method) * np.float32(num_tokens))
+  return np.clip(count, 1, num_tokens).astype(np.int32)
+
+
+def token_mask(ratio: np.ndarray, position: np.ndarray, method: str = "cosine") -> np.ndarray:
+  """(B, L) bool, True = masked: in each row the num_masked(r) positions with the smallest position draws."""
+  position = np.asarray(position)
+  count = num_masked(ratio, position.shape[-1], method)
+  # Rank of each draw within its row (stable sort: ties, which float draws make unlikely, go to the lower index).
+  ranks = np.argsort(np.argsort(position, axis=-1, kind="stable"), axis=-1, kind="stable")
+  return ranks < count[:, None]
+
+
+def class_tokens(labels: np.ndarray, class_drop: np.ndarray, class_dropout: float, codebook_size: int) -> np.ndarray:
+  """(B,) int32 class tokens K + label, or NULL_CLASS_TOKEN where class_drop < class_dropout."""
+  tokens = np.asarray(labels, np.int32) + np.int32(codebook_size)
+  return np.where(np.asarray(class_drop) < class_dropout, np.int32(NULL_CLASS_TOKEN), tokens).astype(np.int32)
+
+
+def make_batch(codes: np.ndarray, labels: np.ndarray, noise: TrainingNoise, config,
+               codes_flipped: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """One training batch from codes (B, h, h) and labels (B,).
+
+  Returns `input_ids` (B, S) int32 (class token, then codes with -1 at masked positions), `targets` (B, L) int32
+  (the true codes), `weights` (B, L) float32 (1 where the loss counts: masked tokens, or all tokens with
+  train.compute_loss_for_all) and `mask` (B, L) bool.
+  """
+  train = config.train
+  codes = np.asarray(codes)
+  if codes_flipped is not None and config.data.random_flip:
+    codes = np.where((noise.flip < 0.5)[:, None, None], np.asarray(codes_flipped), codes)
+  b = codes.shape[0]
+  targets = codes.reshape(b, -1).astype(np.int32)
+  if targets.shape[1] != config.num_tokens:
+    raise ValueError(f"codes have {targets.shape[1]} tokens per image, the config expects {config.num_tokens} "
+                     f"({config.latent_size}x{config.latent_size})")
+  mask = token_mask(noise.ratio, noise.position, train.mask_schedule)
+  masked = np.where(mask, np.int32(config.mask_token_id), targets)
+  cls = class_tokens(labels, noise.class_drop, train.class_dropout, config.codebook_size)
+  input_ids = np.concatenate([cls[:, None], masked], axis=1).astype(np.int32)
+  weights = np.ones_like(targets, np.float32) if train.compute_loss_for_all else mask.astype(np.float32)
+  return {"input_ids": input_ids, "targets": targets, "weights": weights, "mask": mask}
