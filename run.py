@@ -149,7 +149,7 @@ def cmd_convert() -> None:
     import configs
     config = configs.resolve(FLAGS.config).with_overrides(FLAGS.set)
   out = convert.convert(FLAGS.src, FLAGS.dst, to=FLAGS.to, config=config, overwrite=FLAGS.overwrite)
-  print(f"wrote {out}")
+  print(f"wrote {FLAGS.dst}: {FLAGS.to} checkpoint of {out.name} ({out.image_size}px, {out.num_class} classes)")
 
 
 def cmd_parity() -> int:

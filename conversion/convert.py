@@ -72,7 +72,7 @@ def _problems(rules: list[Rule], got: Mapping, layout: str) -> list[str]:
   problems += [f"wrong shape: {k}: got {got_shapes[k]}, expected {s}" for k, s in expected.items()
                if k in got_shapes and got_shapes[k] != s]
   for k, v in got.items():
-    dtype = v.dtype
+    dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype  # a stray scalar leaf has no .dtype
     floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else (
         np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16")
     if k in expected and not floating:
@@ -80,14 +80,23 @@ def _problems(rules: list[Rule], got: Mapping, layout: str) -> list[str]:
   return problems
 
 
-def _raise_problems(problems: list[str], which: str, layout: str, source: str = "") -> None:
-  if problems:
-    where = f" ({source})" if source else ""
-    kinds = {kind: sum(p.startswith(kind) for p in problems) for kind in ("missing", "unexpected", "wrong")}
-    raise ConversionError(
-        f"{which} {'official/JAX' if layout == 'jax' else 'torch'} parameters{where} do not match the config: "
-        f"{kinds['missing']} missing, {kinds['unexpected']} unexpected, {kinds['wrong']} mis-shaped/typed\n  "
-        + "\n  ".join(problems))
+def _problem_message(problems: list[str], which: str, layout: str, source: str = "",
+                     differences: list[str] = ()) -> str:
+  """One paragraph: which model and file, the counts, the config fields that differ (if known), every problem."""
+  where = f" ({source})" if source else ""
+  kinds = {kind: sum(p.startswith(kind) for p in problems) for kind in ("missing", "unexpected", "wrong")}
+  fields = "".join(f"\n  config field {d}" for d in differences)
+  return (f"{which} {'official/JAX' if layout == 'jax' else 'torch'} parameters{where} do not match the config: "
+          f"{kinds['missing']} missing, {kinds['unexpected']} unexpected, {kinds['wrong']} mis-shaped/typed"
+          f"{fields}\n  " + "\n  ".join(problems))
+
+
+def _check_message(config: MaskGITConfig, flat: Mapping, which: str, layout: str, source: str = "") -> str | None:
+  """None when `flat` fits `config`, else the full problem message (with the config fields that differ)."""
+  problems = _problems(param_table(config, which), flat, layout)
+  if not problems:
+    return None
+  return _problem_message(problems, which, layout, source, _config_differences(config, flat, which, layout))
 
 
 def jax_to_torch(tree_or_flat: Mapping, config: MaskGITConfig, which: str, _consume: bool = False) -> dict:
@@ -99,7 +108,9 @@ def jax_to_torch(tree_or_flat: Mapping, config: MaskGITConfig, which: str, _cons
   """
   flat = tree_or_flat if _consume else _flat_jax(tree_or_flat)
   rules = param_table(config, which)
-  _raise_problems(_problems(rules, flat, "jax"), which, "jax")
+  message = _check_message(config, flat, which, "jax")
+  if message:
+    raise ConversionError(message)
   state = {}
   for rule in rules:
     x = flat.pop(rule.jax_path) if _consume else flat[rule.jax_path]
@@ -111,7 +122,9 @@ def torch_to_jax(state_dict: Mapping, config: MaskGITConfig, which: str) -> dict
   """torch state_dict -> {'params': ...} nested numpy tree in the official layout and key order (flax sorts keys),
   so writing it gives the same bytes as the official checkpoint. Raises ConversionError listing every problem."""
   rules = param_table(config, which)
-  _raise_problems(_problems(rules, state_dict, "torch"), which, "torch")
+  message = _check_message(config, state_dict, which, "torch")
+  if message:
+    raise ConversionError(message)
   return unflatten({rule.jax_path: to_jax(rule, _to_numpy(state_dict[rule.torch_key])) for rule in rules})
 
 
@@ -127,7 +140,8 @@ def _shape(flat: Mapping, path: str, what: str) -> tuple:
   return tuple(np.shape(flat[path]))
 
 
-def _infer_tokenizer(flat: Mapping) -> TokenizerConfig:
+def _tokenizer_fields(flat: Mapping) -> dict:
+  """The TokenizerConfig fields an official/JAX tokenizer tree's shapes imply (num_groups/eps are not in shapes)."""
   codebook_size, embedding_dim = _shape(flat, "params/quantizer/codebook", "codebook_size/embedding_dim")
   filters = _shape(flat, "params/encoder/Conv_0/kernel", "filters")[3]
   # The decoder has one conv in, one after each upsampling and one out: levels = number of decoder convs - 1.
@@ -145,8 +159,44 @@ def _infer_tokenizer(flat: Mapping) -> TokenizerConfig:
       raise ConversionError(f"cannot infer channel_multipliers: level {level} width {width} is not a multiple of "
                             f"filters={filters}")
     multipliers.append(width // filters)
-  return TokenizerConfig(filters=filters, channel_multipliers=tuple(multipliers), num_res_blocks=num_res_blocks,
-                         embedding_dim=embedding_dim, codebook_size=codebook_size)
+  return dict(filters=filters, channel_multipliers=tuple(multipliers), num_res_blocks=num_res_blocks,
+              embedding_dim=embedding_dim, codebook_size=codebook_size)
+
+
+def _infer_tokenizer(flat: Mapping) -> TokenizerConfig:
+  return TokenizerConfig(**_tokenizer_fields(flat))
+
+
+def _transformer_fields(flat: Mapping) -> dict:
+  """The TransformerConfig fields (plus seq_len, vocab_size) an official/JAX transformer tree's shapes imply."""
+  vocab, hidden = _shape(flat, "params/Embed_0/word_embeddings/embedding", "vocab/hidden size")
+  seq_len = _shape(flat, "params/Embed_0/position_embeddings/embedding", "sequence length")[0]
+  _, heads, _ = _shape(flat, "params/TransformerLayer_0/Attention_0/self_attention/query/kernel", "num_heads")
+  intermediate = _shape(flat, "params/TransformerLayer_0/Mlp_0/intermediate_output/kernel", "intermediate_size")[1]
+  return dict(num_layers=len(_indices(flat, "params/TransformerLayer_")), num_embeds=hidden, num_heads=heads,
+              intermediate_size=intermediate, seq_len=seq_len, vocab_size=vocab)
+
+
+def _config_differences(config: MaskGITConfig, flat: Mapping, which: str, layout: str) -> list[str]:
+  """The config fields an official/JAX tree's shapes imply differently from `config` (best effort: [] when the
+  tree is too damaged to tell, or is a torch state dict). Lets a mismatch error name the field, not only paths."""
+  if layout != "jax":
+    return []
+  try:
+    implied = _tokenizer_fields(flat) if which == "tokenizer" else _transformer_fields(flat)
+  except ConversionError:
+    return []
+  section = getattr(config, which)
+  differences = []
+  for name, value in implied.items():
+    if name in ("seq_len", "vocab_size"):
+      field, ours = {"seq_len": ("seq_len (= (image_size / downsample_factor) ** 2 + 1)", config.seq_len),
+                     "vocab_size": ("vocab_size (= codebook_size + num_class + 1)", config.vocab_size)}[name]
+    else:
+      field, ours = f"{which}.{name}", getattr(section, name)
+    if ours != value:
+      differences.append(f"{field}: the config has {ours!r}, the checkpoint implies {value!r}")
+  return differences
 
 
 def infer_config(tokenizer_tree: Mapping | None, transformer_tree: Mapping | None, num_class: int | None = None,
@@ -170,14 +220,10 @@ def infer_config(tokenizer_tree: Mapping | None, transformer_tree: Mapping | Non
   transformer = TransformerConfig()
   if transformer_tree is not None:
     tr_flat = _flat_jax(transformer_tree)
-    vocab, hidden = _shape(tr_flat, "params/Embed_0/word_embeddings/embedding", "vocab/hidden size")
-    seq_len = _shape(tr_flat, "params/Embed_0/position_embeddings/embedding", "sequence length")[0]
-    _, heads, _ = _shape(tr_flat, "params/TransformerLayer_0/Attention_0/self_attention/query/kernel", "num_heads")
-    intermediate = _shape(tr_flat, "params/TransformerLayer_0/Mlp_0/intermediate_output/kernel",
-                          "intermediate_size")[1]
+    fields = _transformer_fields(tr_flat)
+    seq_len, vocab = fields.pop("seq_len"), fields.pop("vocab_size")
     try:
-      transformer = TransformerConfig(num_layers=len(_indices(tr_flat, "params/TransformerLayer_")),
-                                      num_embeds=hidden, num_heads=heads, intermediate_size=intermediate)
+      transformer = TransformerConfig(**fields)
     except ConfigError as e:
       raise ConversionError(f"the transformer checkpoint implies an invalid config: {e}") from None
     side = math.isqrt(seq_len - 1)
@@ -217,11 +263,9 @@ def check_config(config: MaskGITConfig, trees: Mapping[str, Mapping]) -> None:
     if tree is None:
       continue
     layout = _layout(tree)
-    got = _flat_jax(tree) if layout == "jax" else tree
-    try:
-      _raise_problems(_problems(param_table(config, which), got, layout), which, layout)
-    except ConversionError as e:
-      messages.append(str(e))
+    message = _check_message(config, _flat_jax(tree) if layout == "jax" else tree, which, layout)
+    if message:
+      messages.append(message)
   if messages:
     raise ConversionError("\n".join(messages))
 
@@ -332,6 +376,14 @@ def _open_source(src: str, config) -> tuple[MaskGITConfig, str, dict, dict]:
   return config, layout, {which: src}, {which: flat}
 
 
+def _check_destination(dst: str, overwrite: bool) -> None:
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise ConversionError(f"destination {dst} exists and is not a directory")
+  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+    raise ConversionError(f"destination {dst} exists and is not empty; nothing was written (choose another "
+                          f"directory, or pass overwrite=True / --overwrite to replace it)")
+
+
 def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool = False) -> MaskGITConfig:
   """Converts a checkpoint (see the module docstring for accepted sources) into directory `dst`.
 
@@ -342,20 +394,31 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
   """
   if to not in ("torch", "jax"):
     raise ConversionError(f"to must be 'torch' or 'jax', got {to!r}")
+  _check_destination(dst, overwrite)  # before reading anything: a refused destination costs nothing
   try:
     config, layout, paths, loaded = _open_source(src, config)
-  except torch_checkpoint.CheckpointError as e:
+  except (torch_checkpoint.CheckpointError, CheckpointFormatError) as e:
     raise ConversionError(str(e)) from None
-  # Validate everything already read before writing anything (files not read yet are checked as they are read).
-  for which, flat in loaded.items():
-    _raise_problems(_problems(param_table(config, which), flat, layout), which, layout, paths[which])
+  # Models already read are checked before anything is written; the rest as they are read. Every problem of every
+  # model (and unreadable files) is collected, so the one error lists them all; the temporary directory is removed.
+  errors = [m for w, flat in loaded.items() if (m := _check_message(config, flat, w, layout, paths[w]))]
+  if errors:
+    raise ConversionError("\n".join(errors))
   try:
     with torch_checkpoint.atomic_directory(dst, overwrite) as tmp:
       config.save(os.path.join(tmp, torch_checkpoint.CONFIG_FILE))
       for which, path in paths.items():
         # One model at a time, each source array dropped once converted: peak memory ~ one copy of the largest.
-        flat = loaded.pop(which) if which in loaded else _load(path, layout)
-        _raise_problems(_problems(param_table(config, which), flat, layout), which, layout, path)
+        try:
+          flat = loaded.pop(which) if which in loaded else _load(path, layout)
+        except (torch_checkpoint.CheckpointError, CheckpointFormatError) as e:
+          errors.append(str(e))
+          continue
+        message = _check_message(config, flat, which, layout, path)
+        if message or errors:  # after a failure only check the rest; writing it would be wasted
+          errors += [message] if message else []
+          del flat
+          continue
         if to == "torch":
           out = jax_to_torch(flat, config, which, _consume=True) if layout == "jax" else flat
           del flat
@@ -366,6 +429,28 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
           del flat
           write_msgpack(os.path.join(tmp, f"{which}.msgpack"), out)
         del out
+      if errors:
+        raise ConversionError("\n".join(errors))  # inside the block: atomic_directory removes tmp, dst untouched
   except torch_checkpoint.CheckpointError as e:
     raise ConversionError(str(e)) from None
   return config
+
+
+def read_checkpoint(src: str, config=None) -> tuple[MaskGITConfig, str, dict]:
+  """Reads any source `convert` accepts, without writing anything -> (config, layout, {which: flat weights}).
+
+  layout is "jax" (flat 'params/a/b' numpy arrays, official layout) or "torch" (state_dict tensors); every model
+  read is checked against the config, all problems listed in one ConversionError. The pipelines use it to load a
+  checkpoint of either layout.
+  """
+  try:
+    config, layout, paths, loaded = _open_source(src, config)
+    for which, path in paths.items():
+      if which not in loaded:
+        loaded[which] = _load(path, layout)
+  except (torch_checkpoint.CheckpointError, CheckpointFormatError) as e:
+    raise ConversionError(str(e)) from None
+  errors = [m for w, flat in loaded.items() if (m := _check_message(config, flat, w, layout, paths[w]))]
+  if errors:
+    raise ConversionError("\n".join(errors))
+  return config, layout, loaded
