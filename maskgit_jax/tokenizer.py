@@ -32,7 +32,10 @@ def downsample(x: jax.Array) -> jax.Array:
   """2x2 average pool, stride 2, TF-style SAME padding (padded cells are not counted), as the official dsample."""
   window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
   total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, "SAME")
-  count = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, window, strides, "SAME")
+  # The count of real (unpadded) cells per window depends on H and W only: one (1, H, W, 1) plane broadcasts over
+  # the batch and channels (a full-size ones array makes XLA constant-fold for minutes at compile time).
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, "SAME")
   return total / count
 
 
