@@ -151,13 +151,33 @@ class TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Iterative parallel decoding. Defaults are the official decoder (`parallel_decode.decode`)."""
+  """Iterative parallel decoding. Defaults are the official decoder (`parallel_decode.decode`).
+
+  Options on top of it (all off by default; see maskgit_*/sampler.py `decode_with_config`):
+    guidance_scale, guidance_schedule: classifier-free guidance (1 + w) cond - w uncond, with w constant or ramped
+      linearly from 0 (the seed's t / (T - 1)); the unconditional pass puts the null class (mask id -1) at the
+      class position. 0 = off.
+    softmax_temperature: logits / temperature before sampling and confidence (1 = official).
+    choice_temperature_schedule: `linear` (official: annealed to 0 at the last step) or `constant`.
+    randomize: how the re-masking order is randomised: `official` (Gumbel confidence noise), or the seed's
+      `linear`, `warm_up`, `random`, or `none`.
+    tokens_per_step: a custom schedule, tokens revealed at each step (length num_iter, summing to the number of
+      image tokens); empty = `mask_schedule`.
+    order: `confidence` (official) or `halton` (reveal tokens in the 2-D Halton order).
+  """
   num_iter: int = 8
   start_iter: int = 0
   choice_temperature: float = 4.5  # official `sample_choice_temperature`
   mask_schedule: str = "cosine"
   # Editing (official demo): decoding starts at this step from partially known tokens.
   edit_start_iter: int = 2
+  guidance_scale: float = 0.0
+  guidance_schedule: str = "constant"
+  softmax_temperature: float = 1.0
+  choice_temperature_schedule: str = "linear"
+  randomize: str = "official"
+  tokens_per_step: tuple[int, ...] = ()
+  order: str = "confidence"
 
   def validate(self, prefix: str = "sampler") -> None:
     _check_int(self.num_iter, f"{prefix}.num_iter", 1)
@@ -165,6 +185,24 @@ class SamplerConfig:
     _check_float(self.choice_temperature, f"{prefix}.choice_temperature", 0.0)
     check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
     _check_int(self.edit_start_iter, f"{prefix}.edit_start_iter", 0, self.num_iter - 1)
+    _check_float(self.guidance_scale, f"{prefix}.guidance_scale", 0.0)
+    _check_choice(self.guidance_schedule, f"{prefix}.guidance_schedule", ("constant", "linear"))
+    _check_float(self.softmax_temperature, f"{prefix}.softmax_temperature", 0.0, lo_open=True)
+    _check_choice(self.choice_temperature_schedule, f"{prefix}.choice_temperature_schedule", ("linear", "constant"))
+    _check_choice(self.randomize, f"{prefix}.randomize", ("official", "linear", "warm_up", "random", "none"))
+    _check(isinstance(self.tokens_per_step, tuple), f"{prefix}.tokens_per_step", "must be a list of integers")
+    if self.tokens_per_step:
+      _check(len(self.tokens_per_step) == self.num_iter, f"{prefix}.tokens_per_step",
+             f"needs one count per step (num_iter={self.num_iter}), got {len(self.tokens_per_step)}")
+      for i, n in enumerate(self.tokens_per_step):
+        _check_int(n, f"{prefix}.tokens_per_step[{i}]", 1)
+    _check_choice(self.order, f"{prefix}.order", ("confidence", "halton"))
+
+  @property
+  def is_official(self) -> bool:
+    """True when no option changes the official decoder."""
+    return (self.guidance_scale == 0 and self.softmax_temperature == 1 and self.choice_temperature_schedule == "linear"
+            and self.randomize == "official" and not self.tokens_per_step and self.order == "confidence")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 A checkpoint file is the flax `serialization.to_bytes` encoding of `{"params": {...}}` with float32 leaves, the
 container of the released MaskGIT checkpoints. Every failure is a `CheckpointError` that names the file.
+Checkpoint directories (DESIGN §4: config.json + weights) are read in either layout: official msgpack as is, torch
+safetensors through the conversion table (numpy only: this module never imports torch).
 """
 
 import os
@@ -13,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import MaskGITConfig
+from configs import PRESETS, ConfigError, MaskGITConfig
+from conversion import table
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 
@@ -140,3 +143,85 @@ def init_variables(config: MaskGITConfig, which: str, rng: jax.Array) -> dict:
 def expected_shapes(config: MaskGITConfig, which: str) -> dict:
   """{"params": tree of jax.ShapeDtypeStruct} for the config, via jax.eval_shape (nothing is allocated)."""
   return jax.eval_shape(lambda: init_variables(config, which, jax.random.PRNGKey(0)))
+
+
+# Checkpoint directories -------------------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+MSGPACK_FILES = {"tokenizer": "tokenizer.msgpack", "transformer": "transformer.msgpack"}
+SAFETENSORS_FILES = {"tokenizer": "tokenizer.safetensors", "transformer": "transformer.safetensors"}
+
+
+def load_safetensors_params(path: str, config: MaskGITConfig, which: str) -> dict:
+  """A torch checkpoint file (safetensors) -> {"params": ...} in the official layout, via `conversion.table`.
+
+  Every missing, unexpected and mis-shaped key is listed in one CheckpointError.
+  """
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  try:
+    state = safetensors.numpy.load_file(path)
+  except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+    raise CheckpointError(f"cannot read safetensors file {path}: {type(e).__name__}: {e}") from None
+  rules = table.param_table(config, which)
+  expected = {r.torch_key: table.torch_shape(r) for r in rules}
+  problems = [f"missing    {k}: expected {s}" for k, s in expected.items() if k not in state]
+  problems += [f"unexpected {k}: {state[k].shape}" for k in state if k not in expected]
+  problems += [f"shape      {k}: file has {state[k].shape}, expected {s}" for k, s in expected.items()
+               if k in state and tuple(state[k].shape) != tuple(s)]
+  if problems:
+    raise CheckpointError(f"{path}: the {which} weights do not match the config ({len(problems)} problems):\n  "
+                          + "\n  ".join(problems))
+  flat = {r.jax_path: table.to_jax(r, state[r.torch_key]) for r in rules}
+  tree: dict = {}
+  for path_, value in flat.items():
+    node = tree
+    *parents, leaf = path_.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  if "params" not in tree:
+    raise CheckpointError(f"{path}: the conversion table gave no 'params' root (internal error)")
+  return tree
+
+
+def _match_preset(path: str, which: str) -> MaskGITConfig | None:
+  params = load_msgpack_params(path)
+  matches = [make() for make in PRESETS.values() if not compare_trees(params, expected_shapes(make(), which))]
+  return matches[0] if len(matches) == 1 else None
+
+
+def load_checkpoint_dir(directory: str) -> tuple[MaskGITConfig, dict, dict | None]:
+  """A checkpoint directory of either layout -> (config, tokenizer variables, transformer variables or None).
+
+  Accepts config.json + tokenizer/transformer .msgpack (JAX export, official layout) or .safetensors (torch). A
+  directory of released official files without config.json is accepted when its shapes match exactly one preset;
+  otherwise convert it first (`python run.py convert --to jax` infers the config and writes config.json).
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist")
+  names = set(os.listdir(directory))
+  msgpack = {w: os.path.join(directory, f) for w, f in MSGPACK_FILES.items() if f in names}
+  tensors = {w: os.path.join(directory, f) for w, f in SAFETENSORS_FILES.items() if f in names}
+  if msgpack and tensors:
+    raise CheckpointError(f"{directory} is ambiguous: it holds both .msgpack and .safetensors weights")
+  if not msgpack and not tensors:
+    raise CheckpointError(f"{directory} holds no weights: expected tokenizer/transformer .msgpack or .safetensors")
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if os.path.isfile(config_path):
+    try:
+      config = MaskGITConfig.load(config_path)
+    except ConfigError as e:
+      raise CheckpointError(str(e)) from None
+  elif msgpack and "tokenizer" in msgpack and (config := _match_preset(msgpack["tokenizer"], "tokenizer")):
+    pass
+  else:
+    raise CheckpointError(f"{directory} has no {CONFIG_FILE} and its shapes match no preset: convert it with "
+                          f"`python run.py convert --src {directory} --dst DIR --to jax`, which infers the config")
+  variables = {}
+  for which in MODELS:
+    if which in msgpack:
+      variables[which] = load_msgpack_params(msgpack[which], expected_shapes(config, which))
+    elif which in tensors:
+      variables[which] = load_safetensors_params(tensors[which], config, which)
+  if "tokenizer" not in variables:
+    raise CheckpointError(f"{directory} holds no tokenizer weights")
+  return config, variables["tokenizer"], variables.get("transformer")

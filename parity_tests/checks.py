@@ -70,11 +70,44 @@ def check_tokenizer_codes(b, case):
 
 def check_tokenizer_decode(b, case):
   io = case.npz("tokenizer_io.npz")
-  passed, diff, detail = compare_all([
-      ("reconstruction", b.decode_from_indices(io["codes"]), io["reconstruction"]),
-      ("random_codes_decoded", b.decode_from_indices(io["random_codes"]), io["random_codes_decoded"]),
-  ], b.tolerance)
-  return result(passed, diff, b.tolerance, detail)
+  pairs = [("reconstruction", io["codes"], io["reconstruction"]),
+           ("random_codes_decoded", io["random_codes"], io["random_codes_decoded"])]
+  ours = {name: b.decode_from_indices(x) for name, x, _ in pairs}
+  passed, diff, detail = compare_all([(name, ours[name], ref) for name, _, ref in pairs], b.tolerance)
+  entry = result(passed, diff, b.tolerance, detail)
+  if not passed:
+    _explain_with_host_oracle(b, entry, "decode_from_indices", [(ours[n], x, ref) for n, x, ref in pairs])
+  return entry
+
+
+def _explain_with_host_oracle(b, entry, what, triples):
+  """A failed float check, explained by running the official code on this host (JAX backend, oracle installed).
+
+  Float32 convolutions and reductions round differently on different CPU instruction sets (e.g. AVX2 vs AVX-512),
+  so a fixture made on another host can be out of reach of any float32 implementation here, the official code
+  included. The check stays failed; the entry gains `host_oracle` = {ours_vs_official, official_vs_fixture} and
+  `host_limited` (ours is bit-identical to the official code on this host, which itself misses the bound). This
+  is a diagnosis shown to the user, never a pass.
+  """
+  official_outputs = getattr(b, "official_outputs", None)
+  if official_outputs is None:
+    return
+  try:
+    official = [(ours, official_outputs(what, x), ref) for ours, x, ref in triples]
+  except Exception as e:  # pylint: disable=broad-except
+    entry["detail"] += f"; host oracle unavailable ({type(e).__name__}: {e})"
+    return
+  if any(o is None for _, o, _ in official):
+    return
+  ours_vs_official = max(float(np.max(np.abs(np.asarray(u, np.float64) - o))) for u, o, _ in official)
+  official_vs_fixture = max(float(np.max(np.abs(np.asarray(o, np.float64) - r))) for _, o, r in official)
+  limited = ours_vs_official == 0.0 and official_vs_fixture > entry["tolerance"]
+  entry["host_oracle"] = {"ours_vs_official": ours_vs_official, "official_vs_fixture": official_vs_fixture}
+  entry["host_limited"] = limited
+  entry["detail"] += (f"; the official code run on this host: ours vs official {ours_vs_official:.3g}, official vs "
+                      f"fixture {official_vs_fixture:.3g}" +
+                      (" -> the official code itself misses the bound on this host (float32 rounding of another "
+                       "CPU instruction set; see README 'Parity across hosts')" if limited else ""))
 
 
 def check_transformer_logits(b, case):
@@ -87,7 +120,11 @@ def check_transformer_logits(b, case):
       b.tolerance)
   if not passed and case.has("transformer_intermediates.npz"):
     detail += "; " + _first_divergence(b, case)
-  return result(passed, diff, b.tolerance, detail)
+  entry = result(passed, diff, b.tolerance, detail)
+  if not passed:
+    _explain_with_host_oracle(b, entry, "logits", [(b.logits(io[k]), io[k], io["logits_" + k[len("ids_"):]])
+                                                    for k in id_sets])
+  return entry
 
 
 def _first_divergence(b, case):
@@ -134,9 +171,11 @@ def decode_step_schedule(b, rec, method):
   n0 = np.sum(rec["init_ids"] == -1, axis=-1).astype(np.int32)  # N0 per row: the initial unknown count
   ratios, mask_ratios, mask_lens = [], [], []
   for t, ids in zip(rec["step_index"], rec["step_input_ids"]):
-    # Official: `1. * (step + 1) / num_iter` on an int32 step, i.e. one float32 division.
-    ratio = np.float32(int(t) + 1) / np.float32(num_iter)
-    mask_ratio = np.asarray(b.schedule(ratio, n0, method), np.float32).reshape(-1)  # (1,) or (B,)
+    # Official: `1. * (step + 1) / num_iter` inside a jitted while_loop, which XLA compiles as (t+1) * (1/T) (and
+    # folds the schedule's constants likewise): the fixture records those in-loop values, not a true division, so
+    # the backend computes the ratio and the mask ratio with the loop's arithmetic (sampler.decode_mask_ratio).
+    ratio = np.float32(int(t) + 1) * (np.float32(1) / np.float32(num_iter))
+    mask_ratio = np.asarray(b.decode_mask_ratio(int(t), num_iter, n0, method), np.float32).reshape(-1)  # (1,)/(B,)
     # Official: floor(N0 * mask_ratio) in float32, clamped to [1, #unknown now - 1].
     unknown_now = np.sum(ids == -1, axis=-1).astype(np.float32)
     length = np.floor(n0.astype(np.float32) * mask_ratio)

@@ -114,6 +114,24 @@ class JaxCase:
   def decode_from_indices(self, codes):
     return np.asarray(self._tokenizer("decode_from_indices", codes))
 
+  def official_outputs(self, what, x):
+    """The official code's own output on this host (live oracle), or None when the package is unavailable.
+
+    what: "decode_from_indices" (tokenizer) or "logits" (transformer). Used only to explain a failed float check:
+    float32 convolutions round differently on different CPU ISAs, so the official code itself can miss a fixture
+    made on another host.
+    """
+    from parity_tests import oracle  # pylint: disable=import-outside-toplevel
+    if oracle.official_skip_reason() is not None:
+      return None
+    if what == "decode_from_indices":
+      model = oracle.official_tokenizer(self.case.config)
+      fn = jax.jit(lambda v, c: model.apply(v, c, method=model.decode_from_indices))
+      return np.asarray(fn(self.variables("tokenizer"), jnp.asarray(x)))
+    model = oracle.official_transformer(self.case.config)
+    fn = jax.jit(lambda v, ids: model.apply(v, ids, deterministic=True))
+    return np.asarray(fn(self.variables("transformer"), jnp.asarray(x)))
+
   def logits(self, ids):
     return np.asarray(_jitted("transformer", self.case.config)(self.variables("transformer"), jnp.asarray(ids)))
 
@@ -126,6 +144,9 @@ class JaxCase:
 
   def schedule(self, ratio, total_unknown, method):
     return np.asarray(_module("sampler").schedule(jnp.asarray(ratio), jnp.asarray(total_unknown), method))
+
+  def decode_mask_ratio(self, step, num_iter, n0, method):
+    return np.asarray(_module("sampler").decode_mask_ratio(step, num_iter, n0, method))
 
   def decode(self, init_ids, noise, *, num_iter, start_iter, choice_temperature, mask_schedule):
     sampler = _module("sampler")

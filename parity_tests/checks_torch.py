@@ -127,6 +127,10 @@ class TorchCase:
     return self._numpy(out) if isinstance(out, torch.Tensor) else np.asarray(out)
 
   @torch.inference_mode()
+  def decode_mask_ratio(self, step, num_iter, n0, method):
+    return _module("maskgit_torch.sampler").decode_mask_ratio(step, num_iter, n0, method).numpy()
+
+  @torch.inference_mode()
   def decode(self, init_ids, noise, *, num_iter, start_iter, choice_temperature, mask_schedule):
     sampler = _module("maskgit_torch.sampler")
     if noise[0] != "recorded":

@@ -32,10 +32,18 @@ def clean(tmp_path_factory):
 
 
 def test_every_check_passes_on_the_vendored_cases(clean):
+  """Every check passes, except where the host itself is the limit: on a CPU whose float32 convolutions round
+  differently from the fixture's host, the official code run here misses the bound too. Such a check must still
+  show our output bit-identical to the official code on this host (the live oracle), and the run is not 'passed'.
+  """
   report, _ = clean
-  failed = {f"{c}/{n}": report["cases"][c][n]["detail"] for c, n in _failed(report)}
-  assert not failed, failed
-  assert report["passed"] is True
+  failed = {f"{c}/{n}": report["cases"][c][n] for c, n in _failed(report)}
+  unexplained = {k: r["detail"] for k, r in failed.items() if not r.get("host_limited")}
+  assert not unexplained, unexplained
+  for name, r in failed.items():
+    assert r["host_oracle"]["ours_vs_official"] == 0.0, name
+    assert r["host_oracle"]["official_vs_fixture"] > r["tolerance"], name
+  assert report["passed"] is (not failed)
 
 
 def test_report_schema_and_names(clean):
@@ -52,12 +60,13 @@ def test_report_schema_and_names(clean):
                 if c != "edit.tokens" or has_edit}
     assert set(checks) == expected | {"conversion.roundtrip"}, case
     for name, r in checks.items():
-      assert set(r) == {"passed", "max_abs_diff", "tolerance", "detail"}, name
+      assert set(r) - {"host_oracle", "host_limited"} == {"passed", "max_abs_diff", "tolerance", "detail"}, name
       assert isinstance(r["passed"], bool) and isinstance(r["detail"], str) and r["detail"], name
       backend, check = name.split(".", 1)
       tolerance = TOLERANCES[backend] if check in LATENT_CHECKS else 0.0
       assert r["tolerance"] == tolerance, name
-      assert isinstance(r["max_abs_diff"], float) and 0.0 <= r["max_abs_diff"] <= tolerance, name
+      assert isinstance(r["max_abs_diff"], float) and r["max_abs_diff"] >= 0.0, name
+      assert (r["max_abs_diff"] <= tolerance) == r["passed"], name  # the verdict is the bound, nothing else
 
 
 def test_jax_prng_decode_is_part_of_the_decode_check(clean):

@@ -1,0 +1,130 @@
+"""Image editing inputs, framework-free: which latent tokens to regenerate and the decoder's starting tokens.
+
+Official: google-research/maskgit `maskgit/inference.py`
+(`create_latent_mask_and_input_tokens_for_image_editing`, `composite_outputs`). A latent mask is (h, h) float32
+with 1 = regenerate; the editing input is `[K + label, codes where the mask is 0, -1 where it is 1]`, decoded from
+`sampler.edit_start_iter` (the official demo starts at step 2 of 12).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MASK_TOKEN_ID = -1
+
+
+def latent_mask_from_bbox(config, top: int, left: int, height: int, width: int) -> np.ndarray:
+  """(h, h) float32, 1 inside the pixel box grown by one latent cell on each side (the official formula).
+
+  The official code hard-codes the tokenizer factor 16; here f = config.downsample_factor:
+  rows [max(0, top//f - 1), min(h, height//f + top//f + 1)), columns likewise with left/width.
+  """
+  for name, value in (("top", top), ("left", left), ("height", height), ("width", width)):
+    if not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"latent_mask_from_bbox: {name} must be a non-negative integer (pixels), got {value!r}")
+  f, h = config.downsample_factor, config.latent_size
+  mask = np.zeros((h, h), np.float32)
+  t, b = max(0, top // f - 1), min(h, height // f + top // f + 1)
+  l, r = max(0, left // f - 1), min(h, left // f + width // f + 1)
+  mask[t:b, l:r] = 1
+  return mask
+
+
+def edit_input_tokens(codes, latent_mask, label, config) -> np.ndarray:
+  """(B, S) int32 decoder input: class token K + label, then the codes with -1 where latent_mask is 1.
+
+  Args:
+    codes: (B, h, h) integer tokens of the source images.
+    latent_mask: (h, h) or (B, h, h), 1 = regenerate, 0 = keep (values are rounded: > 0.5 counts as 1).
+    label: the target class, an int or (B,) ints in [0, num_class).
+    config: the MaskGITConfig.
+  """
+  codes = np.asarray(codes)
+  h = config.latent_size
+  if codes.ndim != 3 or codes.shape[1:] != (h, h):
+    raise ValueError(f"edit_input_tokens: codes must be (B, {h}, {h}), got {codes.shape}")
+  mask = np.asarray(latent_mask, np.float32)
+  if mask.shape not in ((h, h), (codes.shape[0], h, h)):
+    raise ValueError(f"edit_input_tokens: latent_mask must be ({h}, {h}) or (B, {h}, {h}), got {mask.shape}")
+  labels = np.broadcast_to(np.asarray(label, np.int64), (codes.shape[0],))
+  if labels.min() < 0 or labels.max() >= config.num_class:
+    raise ValueError(f"edit_input_tokens: labels must be in [0, {config.num_class}), got {labels.tolist()}")
+  regenerate = np.broadcast_to(mask > 0.5, codes.shape)
+  masked = np.where(regenerate, MASK_TOKEN_ID, codes).reshape(codes.shape[0], -1)
+  class_tokens = (labels + config.codebook_size)[:, None]
+  return np.concatenate([class_tokens, masked], axis=1).astype(np.int32)
+
+
+# Masks from pictures, outpainting, compositing ------------------------------------------------------------------
+MASK_THRESHOLD = 0.5
+
+
+def latent_mask_from_pixels(pixel_mask, config, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+  """(h, h) float32 from a pixel mask of any size (H, W) (or (H, W, C): channels averaged), values in [0, 1]:
+  each latent cell takes the mean of the pixels it covers (area resampling) and is 1 where that mean is >= threshold
+  (default 0.5: a cell is regenerated when at least half of its area is marked)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  mask = np.asarray(pixel_mask, np.float32)
+  if mask.ndim == 3:
+    mask = mask.mean(-1)
+  if mask.ndim != 2 or mask.size == 0:
+    raise ValueError(f"latent_mask_from_pixels: the mask must be (H, W) or (H, W, C), got shape {mask.shape}")
+  h = config.latent_size
+  small = np.asarray(Image.fromarray(mask).resize((h, h), Image.BOX), np.float32)
+  return (small >= threshold).astype(np.float32)
+
+
+def latent_mask_from_png(path: str, config, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+  """(h, h) float32 from a mask picture (white = regenerate), any size and mode, see `latent_mask_from_pixels`."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as image:
+      pixels = np.asarray(image.convert("L"), np.float32) / 255.0
+  except OSError as e:
+    raise ValueError(f"latent_mask_from_png: cannot read mask picture {path}: {e}") from None
+  return latent_mask_from_pixels(pixels, config, threshold)
+
+
+def outpaint_canvas(image, top: int = 0, bottom: int = 0, left: int = 0, right: int = 0, fill: float = 0.5):
+  """Extends an image (H, W, 3) in [0, 1] by pixels on any side.
+
+  Returns (canvas (H + top + bottom, W + left + right, 3) float32 with the new area set to `fill`, pixel mask of
+  the same height and width, float32, 1 on the new area). Resize both to config.image_size (or pick the margins so
+  the canvas has that size), then `latent_mask_from_pixels` gives the tokens to generate.
+  """
+  image = np.asarray(image, np.float32)
+  if image.ndim != 3:
+    raise ValueError(f"outpaint_canvas: image must be (H, W, C), got shape {image.shape}")
+  for name, value in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
+    if not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"outpaint_canvas: {name} must be a non-negative integer (pixels), got {value!r}")
+  height, width = image.shape[0] + top + bottom, image.shape[1] + left + right
+  canvas = np.full((height, width, image.shape[2]), fill, np.float32)
+  canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
+  mask = np.ones((height, width), np.float32)
+  mask[top:top + image.shape[0], left:left + image.shape[1]] = 0
+  return canvas, mask
+
+
+def composite(original, generated, latent_mask, config) -> np.ndarray:
+  """The official blending of an edit (`composite_outputs`): the latent mask is upsampled to the image (PIL's
+  default resampling of 8-bit masks), blurred with a Gaussian of radius image_size // 16 - 1 (the official value),
+  and used as alpha: generated * m + original * (1 - m). Images (B, H, W, 3) or (H, W, 3) in [0, 1]."""
+  from PIL import Image, ImageFilter  # pylint: disable=import-outside-toplevel
+  size = config.image_size
+  mask = np.asarray(latent_mask, np.float32)
+  mask = mask[0] if mask.ndim == 3 else mask  # the official code blends every row with row 0's mask
+  alpha = Image.fromarray(np.uint8(mask * 255.0)).resize((size, size))
+  alpha = alpha.filter(ImageFilter.GaussianBlur(radius=max(0, size // 16 - 1)))
+  alpha = np.float32(alpha)[:, :, None] / 255.0
+  return np.asarray(generated, np.float32) * alpha + (1 - alpha) * np.asarray(original, np.float32)
+
+
+def edit_mode(latent_mask) -> str:
+  """What an edit with this mask does: `none` (nothing marked: there is nothing to regenerate, the input is
+  returned unchanged), `generate` (everything marked: plain class-conditional generation from step 0, since no
+  token is known) or `edit` (the official inpainting from sampler.edit_start_iter)."""
+  marked = np.asarray(latent_mask) > 0.5
+  if not marked.any():
+    return "none"
+  return "generate" if marked.all() else "edit"

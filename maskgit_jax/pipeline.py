@@ -1,0 +1,149 @@
+"""A trained MaskGIT ready to use: class-conditional generation, editing, encode/decode (JAX).
+
+Mirrors `maskgit_torch/pipeline.py` name for name (docs/API.md, "Pipelines"). Images at the boundary are numpy NHWC
+float32 in [0, 1]; codes are numpy int32 (B, h, h). Decoding is `sampler.decode_with_config`: the official parallel
+decoder, plus the options the config's sampler section turns on. The transformer and the tokenizer are jitted once
+per pipeline; the decode loop runs inside the sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import MaskGITConfig
+from maskgit_common import editing
+from maskgit_jax import checkpoint, sampler
+from maskgit_jax.tokenizer import VQVAE
+from maskgit_jax.transformer import Transformer
+
+PRECISIONS = ("parity", "fast")
+
+
+class MaskGIT:
+  """A tokenizer + transformer pair (flax variables) with the config that built them."""
+
+  def __init__(self, config: MaskGITConfig, tokenizer_variables, transformer_variables, device: str = "auto",
+               precision: str = "parity"):
+    if precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    del device  # JAX places arrays on its default backend (set JAX_PLATFORMS to choose)
+    self.config = config
+    self.precision = precision
+    # Master weights stay float32; "fast" computes in bfloat16 (flax modules' dtype), norms' statistics in float32.
+    dtype = jnp.bfloat16 if precision == "fast" else jnp.float32
+    self.tokenizer_variables = jax.device_put(tokenizer_variables)
+    self.transformer_variables = (jax.device_put(transformer_variables) if transformer_variables is not None
+                                  else None)
+    tokenizer, transformer = VQVAE(config, dtype=dtype), Transformer(config, dtype=dtype)
+    k = config.codebook_size
+    self._logits = jax.jit(lambda v, ids: transformer.apply(v, ids)[..., :k].astype(jnp.float32))
+    self._encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method=VQVAE.encode_to_indices))
+    self._decode = jax.jit(lambda v, c: tokenizer.apply(v, c, method=VQVAE.decode_from_indices).astype(
+        jnp.float32))
+
+  @classmethod
+  def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
+                      precision: str = "parity") -> "MaskGIT":
+    """Our checkpoint directory (JAX msgpack, or torch safetensors converted on the fly) or an official pair.
+
+    `overrides` ("sampler.num_iter=12", ...) apply to the loaded config; overriding a model field that changes a
+    parameter shape fails with the list of mismatched parameters.
+    """
+    config, tokenizer_variables, transformer_variables = checkpoint.load_checkpoint_dir(path)
+    if overrides:
+      new = config.with_overrides(overrides)
+      for which, variables in (("tokenizer", tokenizer_variables), ("transformer", transformer_variables)):
+        problems = [] if variables is None else checkpoint.compare_trees(
+            variables, checkpoint.expected_shapes(new, which))
+        if problems:
+          raise checkpoint.CheckpointError(f"the overrides {list(overrides)} do not fit the {which} weights in "
+                                           f"{path}:\n  " + "\n  ".join(problems))
+      config = new
+    return cls(config, tokenizer_variables, transformer_variables, device=device, precision=precision)
+
+  # Small helpers --------------------------------------------------------------------------------------------------
+  def class_names(self, labels: Sequence[int]) -> list[str]:
+    names = self.config.data.class_names
+    return [names[int(l)] if int(l) < len(names) else str(int(l)) for l in labels]
+
+  def _require_transformer(self):
+    if self.transformer_variables is None:
+      raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
+    return self.transformer_variables
+
+  def tokens_to_logits(self, ids: jax.Array) -> jax.Array:
+    """(N, S) ids -> (N, S, K) float32 logits over the image codes (the official slice of the vocabulary)."""
+    return self._logits(self._require_transformer(), ids)
+
+  def make_noise(self, seed: int):
+    return sampler.PRNGNoise(jax.random.PRNGKey(int(seed)))
+
+  def class_tokens(self, labels: Sequence[int]) -> jax.Array:
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= self.config.num_class)]
+    if bad.size:
+      raise ValueError(f"class labels must lie in [0, {self.config.num_class}), got {bad.tolist()}")
+    return jnp.asarray(labels + self.config.codebook_size, jnp.int32)
+
+  # Public API ----------------------------------------------------------------------------------------------------
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) float in [0, 1] -> codes int32 (B, h, h)."""
+    images = _check_images(images, self.config.image_size)
+    return np.asarray(self._encode(self.tokenizer_variables, jnp.asarray(images)), np.int32)
+
+  def decode_tokens(self, codes: np.ndarray) -> np.ndarray:
+    """codes (B, h, h) -> images float32 (B, H, W, 3), unclipped (as the official decoder)."""
+    return np.asarray(self._decode(self.tokenizer_variables, jnp.asarray(codes, jnp.int32)))
+
+  def decode_sequences(self, init_ids: jax.Array, noise, num_iter: int | None = None,
+                       start_iter: int | None = None):
+    """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
+    self._require_transformer()
+    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
+                                      num_iter=num_iter, start_iter=start_iter)
+
+  def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
+    side = self.config.latent_size
+    tokens = np.asarray(out.final_seqs[:, -1, 1:]).reshape(-1, side, side).astype(np.int32)
+    return self.decode_tokens(tokens), tokens
+
+  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
+               return_output: bool = False):
+    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
+    class_tokens = self.class_tokens(labels)
+    init_ids = jnp.full((class_tokens.shape[0], self.config.seq_len), self.config.mask_token_id, jnp.int32)
+    init_ids = init_ids.at[:, 0].set(class_tokens)
+    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
+    images, tokens = self._images_from_output(out)
+    return (images, tokens, out) if return_output else (images, tokens)
+
+  def edit(self, images: np.ndarray, latent_mask: np.ndarray, labels: Sequence[int], seed: int = 0,
+           num_iter: int | None = None, start_iter: int | None = None, noise=None, return_output: bool = False):
+    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
+
+    Tokens outside the mask are kept exactly (the decoder never re-masks known tokens). The decoder starts at
+    `start_iter` (default `config.sampler.edit_start_iter`, as the official editing demo). Returns the decoded
+    images (to be blended into the originals with `maskgit_common.editing`) and the tokens.
+    """
+    codes = self.encode(images)
+    self.class_tokens(labels)  # validates the labels
+    init_ids = jnp.asarray(editing.edit_input_tokens(codes, latent_mask, labels, self.config), jnp.int32)
+    start_iter = self.config.sampler.edit_start_iter if start_iter is None else start_iter
+    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
+                                start_iter)
+    edited, tokens = self._images_from_output(out)
+    return (edited, tokens, out) if return_output else (edited, tokens)
+
+
+def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+    raise ValueError(f"expected images of shape (B, {size}, {size}, 3) in [0, 1] for this model, got "
+                     f"{images.shape}; resize them first (maskgit_common.images.load_image(path, size))")
+  return images

@@ -1,0 +1,201 @@
+"""A trained MaskGIT ready to use: class-conditional generation, editing, encode/decode (PyTorch).
+
+Mirrors `maskgit_jax/pipeline.py` name for name (docs/API.md, "Pipelines"). Images at the boundary are numpy NHWC
+float32 in [0, 1]; codes are numpy int32 (B, h, h). Decoding is `sampler.decode_with_config`: the official parallel
+decoder, plus the options the config's sampler section turns on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from configs import MaskGITConfig
+from maskgit_common import editing
+from maskgit_torch import checkpoint, sampler
+from maskgit_torch.tokenizer import VQVAE
+from maskgit_torch.transformer import Transformer
+
+PRECISIONS = ("parity", "fast")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+  if str(device) == "auto":
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  try:
+    device = torch.device(device)
+  except RuntimeError as e:
+    raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
+  if device.type == "cuda" and not torch.cuda.is_available():
+    raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+  return device
+
+
+def _modules_from_weights(config: MaskGITConfig, layout: str, weights: dict) -> dict:
+  """{which: torch module} from flat weights of either layout (official/JAX weights go through the table)."""
+  from conversion import convert  # pylint: disable=import-outside-toplevel
+  modules = {}
+  for which, flat in weights.items():
+    state = convert.jax_to_torch(flat, config, which) if layout == "jax" else flat
+    with torch.device("meta"):
+      module = VQVAE(config) if which == "tokenizer" else Transformer(config)
+    module.load_state_dict(state, strict=True, assign=True)
+    modules[which] = module.eval()
+  return modules
+
+
+class MaskGIT:
+  """A tokenizer + transformer pair with the config that built them."""
+
+  def __init__(self, config: MaskGITConfig, tokenizer: VQVAE, transformer: Transformer | None,
+               device: str | torch.device = "auto", precision: str = "parity"):
+    if precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    self.config = config
+    self.device = resolve_device(device)
+    self.precision = precision
+    # Master weights stay float32; "fast" runs the matmuls under bfloat16 autocast (norm statistics in float32).
+    self.tokenizer = tokenizer.to(self.device).eval()
+    self.transformer = transformer.to(self.device).eval() if transformer is not None else None
+
+  @classmethod
+  def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
+                      precision: str = "parity") -> "MaskGIT":
+    """Our checkpoint directory (torch safetensors, or JAX msgpack converted on the fly) or an official pair.
+
+    `overrides` ("sampler.num_iter=12", ...) apply to the loaded config; overriding a model field that changes a
+    parameter shape fails with the list of mismatched parameters.
+    """
+    if not os.path.exists(path):
+      raise checkpoint.CheckpointError(f"checkpoint {path} does not exist")
+    torch_dir = os.path.isdir(path) and os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) and any(
+        os.path.isfile(os.path.join(path, f)) for f in checkpoint.WEIGHT_FILES.values())
+    if torch_dir:
+      config, tokenizer, transformer = checkpoint.load_checkpoint_dir(path)
+      modules = {"tokenizer": tokenizer, "transformer": transformer}
+      if overrides:
+        config = _override(config, overrides, {w: m.state_dict() for w, m in modules.items() if m is not None})
+    else:
+      from conversion import convert  # pylint: disable=import-outside-toplevel
+      config, layout, weights = convert.read_checkpoint(path)
+      if overrides:
+        config = _override(config, overrides, weights)
+      modules = _modules_from_weights(config, layout, weights)
+    if modules.get("tokenizer") is None:
+      raise checkpoint.CheckpointError(f"{path} holds no tokenizer: a pipeline needs one to make images")
+    return cls(config, modules["tokenizer"], modules.get("transformer"), device=device, precision=precision)
+
+  # Small helpers --------------------------------------------------------------------------------------------------
+  def class_names(self, labels: Sequence[int]) -> list[str]:
+    names = self.config.data.class_names
+    return [names[int(l)] if int(l) < len(names) else str(int(l)) for l in labels]
+
+  def _autocast(self):
+    if self.precision == "fast":
+      return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+  def _require_transformer(self) -> Transformer:
+    if self.transformer is None:
+      raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
+    return self.transformer
+
+  @torch.no_grad()
+  def tokens_to_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    """(N, S) ids -> (N, S, K) float32 logits over the image codes (the official slice of the vocabulary)."""
+    with self._autocast():
+      logits = self._require_transformer()(ids)
+    return logits[..., :self.config.codebook_size].float()
+
+  def make_noise(self, seed: int):
+    return sampler.GeneratorNoise(torch.Generator(device=self.device).manual_seed(int(seed)))
+
+  def class_tokens(self, labels: Sequence[int]) -> torch.Tensor:
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= self.config.num_class)]
+    if bad.size:
+      raise ValueError(f"class labels must lie in [0, {self.config.num_class}), got {bad.tolist()}")
+    return torch.as_tensor(labels + self.config.codebook_size, device=self.device)
+
+  # Public API ----------------------------------------------------------------------------------------------------
+  @torch.no_grad()
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) float in [0, 1] -> codes int32 (B, h, h)."""
+    images = _check_images(images, self.config.image_size)
+    x = torch.as_tensor(images, device=self.device)
+    with self._autocast():
+      codes = self.tokenizer.encode_to_indices(x)
+    return codes.cpu().numpy().astype(np.int32)
+
+  @torch.no_grad()
+  def decode_tokens(self, codes: np.ndarray) -> np.ndarray:
+    """codes (B, h, h) -> images float32 (B, H, W, 3), unclipped (as the official decoder)."""
+    codes = torch.as_tensor(np.asarray(codes, np.int64), device=self.device)
+    with self._autocast():
+      images = self.tokenizer.decode_from_indices(codes)
+    return images.float().cpu().numpy()
+
+  @torch.no_grad()
+  def decode_sequences(self, init_ids: torch.Tensor, noise, num_iter: int | None = None,
+                       start_iter: int | None = None):
+    """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
+    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
+                                      num_iter=num_iter, start_iter=start_iter)
+
+  def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
+    side = self.config.latent_size
+    tokens = out.final_seqs[:, -1, 1:].reshape(-1, side, side)
+    return self.decode_tokens(tokens.cpu().numpy()), tokens.cpu().numpy().astype(np.int32)
+
+  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
+               return_output: bool = False):
+    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
+    class_tokens = self.class_tokens(labels)
+    init_ids = torch.full((len(class_tokens), self.config.seq_len), self.config.mask_token_id, dtype=torch.int64,
+                          device=self.device)
+    init_ids[:, 0] = class_tokens
+    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
+    images, tokens = self._images_from_output(out)
+    return (images, tokens, out) if return_output else (images, tokens)
+
+  def edit(self, images: np.ndarray, latent_mask: np.ndarray, labels: Sequence[int], seed: int = 0,
+           num_iter: int | None = None, start_iter: int | None = None, noise=None, return_output: bool = False):
+    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
+
+    Tokens outside the mask are kept exactly (the decoder never re-masks known tokens). The decoder starts at
+    `start_iter` (default `config.sampler.edit_start_iter`, as the official editing demo). Returns the decoded
+    images (to be blended into the originals with `maskgit_common.editing`) and the tokens.
+    """
+    codes = self.encode(images)
+    init_ids = editing.edit_input_tokens(codes, latent_mask, labels, self.config)
+    self.class_tokens(labels)  # validates the labels
+    init_ids = torch.as_tensor(np.asarray(init_ids, np.int64), device=self.device)
+    start_iter = self.config.sampler.edit_start_iter if start_iter is None else start_iter
+    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
+                                start_iter)
+    edited, tokens = self._images_from_output(out)
+    return (edited, tokens, out) if return_output else (edited, tokens)
+
+
+def _override(config: MaskGITConfig, overrides: Sequence[str], weights: dict) -> MaskGITConfig:
+  """Applies overrides; model-shaped fields must still match the loaded weights (one error listing all)."""
+  from conversion import convert  # pylint: disable=import-outside-toplevel
+  new = config.with_overrides(overrides)
+  if (new.tokenizer, new.transformer, new.image_size, new.num_class) != (
+      config.tokenizer, config.transformer, config.image_size, config.num_class):
+    convert.check_config(new, weights)
+  return new
+
+
+def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+    raise ValueError(f"expected images of shape (B, {size}, {size}, 3) in [0, 1] for this model, got "
+                     f"{images.shape}; resize them first (maskgit_common.images.load_image(path, size))")
+  return images
