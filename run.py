@@ -5,7 +5,7 @@
   python run.py train    --backend torch|jax --config PRESET_OR_JSON --workdir DIR [--set train.lr=3e-4 ...]
   python run.py convert  --src PATH --dst DIR --to torch|jax [--config JSON]
   python run.py parity   --golden DIR --backend jax|torch|both --report FILE.json
-  python run.py eval     (not implemented yet)
+  python run.py eval     [--checkpoint DIR] --ref STATS_OR_FOLDER [--num_samples N] [--inception_weights F] --out DIR
 
 Every subcommand takes `--backend`; `--set section.field=value` overrides any config field (configs/schema.py).
 Precision flags are set here, never inside model code (`--precision parity|fast`).
@@ -52,6 +52,17 @@ flags.DEFINE_string("image", None, "edit: input image.")
 flags.DEFINE_string("mask", None, "edit: PNG mask, white = regenerate.")
 flags.DEFINE_string("box", None, "edit: top,left,height,width in pixels of the region to regenerate.")
 flags.DEFINE_integer("class", None, "edit: target class of the regenerated region.")
+flags.DEFINE_string("extend", None, "edit (outpainting): top,bottom,left,right pixels to add around --image; the "
+                    "new area is generated.")
+flags.DEFINE_string("save_steps", None, "sample/edit: also write a grid of the intermediate decoding states here.")
+flags.DEFINE_integer("num_samples", 1000, "eval: how many class-balanced samples to generate.")
+flags.DEFINE_string("ref", None, "eval: reference images (folder or .npz batch) or statistics (ADM / pytorch-fid / "
+                    "ours) to compare with.")
+flags.DEFINE_string("samples", None, "eval: score this folder / .npz of images instead of generating.")
+flags.DEFINE_string("inception_weights", None, "eval: FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                    "(hash-checked; see docs/EVAL.md). Without it a RANDOM-INIT extractor is used and the report "
+                    "says so.")
+flags.DEFINE_integer("batch_size", 50, "eval: generation and feature batch size.")
 
 
 class UsageError(Exception):
@@ -130,13 +141,15 @@ def cmd_sample() -> None:
   steps = FLAGS.steps or config.sampler.num_iter
   if steps < 1:
     raise UsageError(f"--steps must be >= 1, got {steps}")
-  images, _ = model.generate(labels, seed=FLAGS.seed, num_iter=steps)
+  images, _, decoded = model.generate(labels, seed=FLAGS.seed, num_iter=steps, return_output=True)
   out = FLAGS.out or "samples.png"
   from maskgit_common.images import save_grid
   names = model.class_names(labels)
-  save_grid(images, out, labels=names, scale=max(1, 64 // config.image_size))
+  save_grid(images, out, labels=names, scale=grid_scale(config))
   print(f"wrote {out}: {len(labels)} samples, classes {labels}, {steps} steps, backend {model_backend()}, "
         f"seed {FLAGS.seed}")
+  if FLAGS.save_steps:
+    save_decoding_steps(model, decoded, FLAGS.save_steps, names)
 
 
 def cmd_convert() -> None:
@@ -184,12 +197,141 @@ def cmd_train() -> None:
     print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
 
 
+def grid_scale(config) -> int:
+  return max(1, 96 // config.image_size)
+
+
+def save_decoding_steps(model, decoded, path: str, names) -> None:
+  """One row per sample, one column per executed step: the step's predictions (every position decoded), with the
+  positions masked again for the next step greyed out, as the official demo shows the process."""
+  import numpy as np
+  from maskgit_common.images import save_grid
+  config = model.config
+  side, f = config.latent_size, config.downsample_factor
+  sampled = np.asarray(decoded.step_sampled_ids)[:, :, 1:]  # (n, B, L)
+  masking = np.asarray(decoded.step_masking)[:, :, 1:]
+  n, b, _ = sampled.shape
+  frames = model.decode_tokens(sampled.reshape(n * b, side, side)).reshape(n, b, config.image_size,
+                                                                          config.image_size, 3)
+  grey = np.kron(masking.reshape(n, b, side, side), np.ones((f, f)))[..., None] > 0
+  frames = np.where(grey, 0.5, np.clip(frames, 0, 1))
+  start = np.asarray(decoded.final_seqs).shape[1] - n  # edits start at sampler.edit_start_iter
+  labels = [f"{names[i]} t={start + t + 1}" for i in range(b) for t in range(n)]
+  save_grid(frames.transpose(1, 0, 2, 3, 4).reshape(b * n, *frames.shape[2:]), path, labels=labels, ncol=n,
+            scale=grid_scale(config))
+  print(f"wrote {path}: {n} decoding steps per sample (grey = masked again for the next step)")
+
+
+def _ints(text: str, count: int, flag: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if len(values) != count or any(v < 0 for v in values):
+    raise UsageError(f"--{flag} needs {count} comma-separated non-negative integers, got {text!r}")
+  return values
+
+
+def edit_inputs(config):
+  """(image (H, H, 3), latent mask (h, h), description) from --image and --mask / --box / --extend."""
+  import numpy as np
+  from PIL import Image
+  from maskgit_common import editing
+  from maskgit_common.images import load_image
+  if not FLAGS.image:
+    raise UsageError("edit needs --image (a PNG/JPEG to edit)")
+  if not os.path.isfile(FLAGS.image):
+    raise UsageError(f"--image {FLAGS.image}: no such file")
+  chosen = [name for name in ("mask", "box", "extend") if getattr(FLAGS, name)]
+  if len(chosen) != 1:
+    raise UsageError("edit needs exactly one of --mask m.png (white = regenerate), --box top,left,height,width "
+                     f"(pixels of the resized image) or --extend top,bottom,left,right (outpainting); got {chosen}")
+  size = config.image_size
+  try:
+    original = load_image(FLAGS.image)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  note = ""
+  if FLAGS.extend:
+    top, bottom, left, right = _ints(FLAGS.extend, 4, "extend")
+    canvas, pixel_mask = editing.outpaint_canvas(original, top=top, bottom=bottom, left=left, right=right)
+    image = np.asarray(Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((size, size),
+                                                                                      Image.BICUBIC)) / 255.0
+    latent_mask = editing.latent_mask_from_pixels(pixel_mask, config)
+    note = f"outpainting: canvas {canvas.shape[1]}x{canvas.shape[0]} resized to {size}x{size}"
+  else:
+    image = load_image(FLAGS.image, size)
+    if original.shape[:2] != (size, size):
+      note = f"resized {original.shape[1]}x{original.shape[0]} -> {size}x{size} (the model's image size)"
+    if FLAGS.mask:
+      try:
+        latent_mask = editing.latent_mask_from_png(FLAGS.mask, config)
+      except (OSError, ValueError) as e:
+        raise UsageError(f"--mask {FLAGS.mask}: {e}") from None
+    else:
+      top, left, height, width = _ints(FLAGS.box, 4, "box")
+      if top + height > size or left + width > size or not height or not width:
+        raise UsageError(f"--box {FLAGS.box} must lie inside the {size}x{size} image and be non-empty")
+      latent_mask = editing.latent_mask_from_bbox(config, top, left, height, width)
+  return np.asarray(image, np.float32), latent_mask, note
+
+
 def cmd_edit() -> None:
-  raise UsageError("edit: not implemented yet (issue 6: inpainting/outpainting from a user image and mask)")
+  import numpy as np
+  from maskgit_common import editing
+  from maskgit_common.images import save_grid
+  model = load_pipeline()
+  config = model.config
+  if FLAGS["class"].value is None:
+    raise UsageError(f"edit needs --class N (the class of the regenerated region, in [0, {config.num_class}))")
+  label = parse_classes(str(FLAGS["class"].value), config.num_class)
+  image, latent_mask, note = edit_inputs(config)
+  if note:
+    print(note)
+  mode = editing.edit_mode(latent_mask)
+  out = FLAGS.out or "edited.png"
+  decoded = None
+  if mode == "none":
+    print("the mask marks no token: nothing to regenerate, the output is the input")
+    edited = blended = image[None]
+  elif mode == "generate":
+    print("the mask marks every token: plain class-conditional generation")
+    edited, _, decoded = model.generate(label, seed=FLAGS.seed, num_iter=FLAGS.steps, return_output=True)
+    blended = edited
+  else:
+    edited, _, decoded = model.edit(image[None], latent_mask, label, seed=FLAGS.seed, num_iter=FLAGS.steps,
+                                    return_output=True)
+    blended = editing.composite(image[None], edited, latent_mask, config)
+  f = config.downsample_factor
+  mask_picture = np.repeat(np.kron(latent_mask, np.ones((f, f)))[None, ..., None], 3, axis=-1)
+  save_grid(np.concatenate([image[None], mask_picture, np.clip(edited, 0, 1), np.clip(blended, 0, 1)]), out,
+            labels=["input", "mask", "regenerated", "blended"], scale=grid_scale(config))
+  print(f"wrote {out}: input | mask ({int(latent_mask.sum())}/{latent_mask.size} tokens) | regenerated | blended, "
+        f"class {label[0]} ({model.class_names(label)[0]}), backend {model_backend()}")
+  if FLAGS.save_steps and decoded is not None:
+    save_decoding_steps(model, decoded, FLAGS.save_steps, model.class_names(label))
 
 
 def cmd_eval() -> None:
-  raise UsageError("eval: not implemented yet (issue 9: FID/IS/precision/recall)")
+  if not FLAGS.ref:
+    raise UsageError("eval needs --ref: a folder or .npz of reference images, or reference statistics")
+  if not os.path.exists(FLAGS.ref):
+    raise UsageError(f"--ref {FLAGS.ref}: no such file or directory")
+  out = FLAGS.out or "eval"
+  require_backend("torch")  # the Inception feature extractor is a torch module, whichever backend samples
+  from maskgit_common import evaluate
+  from maskgit_torch import inception
+  extractor = inception.build_extractor(FLAGS.inception_weights, device=FLAGS.device, batch_size=FLAGS.batch_size)
+  if FLAGS.samples:
+    evaluate.evaluate_folder(FLAGS.samples, extractor, out, FLAGS.ref, batch_size=FLAGS.batch_size)
+    return
+  model = load_pipeline()
+  steps = FLAGS.steps or model.config.sampler.num_iter
+  generate = lambda labels, seed: model.generate([int(l) for l in labels], seed=seed, num_iter=steps)
+  settings = {"backend": model_backend(), "checkpoint": os.path.abspath(checkpoint_path()), "steps": steps,
+              "precision": FLAGS.precision, "overrides": list(FLAGS.set)}
+  evaluate.evaluate(generate, extractor, FLAGS.num_samples, model.config.num_class, out, FLAGS.ref,
+                    batch_size=FLAGS.batch_size, seed=FLAGS.seed, settings=settings)
 
 
 def main(argv) -> int:
@@ -228,7 +370,10 @@ def _user_errors() -> tuple[type, ...]:
                        ("maskgit_jax.checkpoint", "CheckpointError"),
                        ("maskgit_torch.checkpoint", "CheckpointError"),
                        ("maskgit_common.token_cache", "TokenCacheError"),
-                       ("maskgit_common.training", "NonFiniteLossError")):
+                       ("maskgit_common.training", "NonFiniteLossError"),
+                       ("maskgit_common.evaluate", "EvalError"),
+                       ("maskgit_torch.inception", "InceptionWeightsError"),
+                       ("maskgit_common.metrics", "MetricError")):
     if module in sys.modules:
       errors.append(getattr(sys.modules[module], name))
   return tuple(errors)
