@@ -3,7 +3,7 @@
 The official MaskGIT release has no training loop; the recipe follows the paper (Chang et al. 2022, Sec. 3.2 "Masked
 Visual Token Modeling") and the released config (maskgit/configs/maskgit_class_cond_config.py):
   - per example a ratio r ~ U[0, 1); mask_ratio = schedule(r) with the configured schedule (cosine by default),
-    the official `mask_schedule.schedule` (reproduced in numpy float32 by `mask_ratio`), clipped to [1e-6, 1];
+    the official `mask_schedule.schedule` (`maskgit_common.schedules.mask_ratio`, numpy float32), clipped to [1e-6, 1];
   - the number of masked tokens is ceil(mask_ratio * L) (the paper's "uniformly select ceil(gamma(r) * N) tokens");
     since mask_ratio >= 1e-6 that is always >= 1, and we clamp it to L. The count is computed in float32, like the
     schedule itself, so every backend gets the same integer from the same draw;
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
 
 import numpy as np
+
+from maskgit_common.schedules import mask_ratio  # the official schedule, float32 (one definition)
 
 # The null class used by class dropout (see the module docstring): the mask token id.
 NULL_CLASS_TOKEN = -1
@@ -51,37 +52,6 @@ def draw_noise(rng: np.random.Generator, batch_size: int, num_tokens: int) -> Tr
       position=rng.random((batch_size, num_tokens), dtype=np.float32),
       class_drop=rng.random(batch_size, dtype=np.float32),
       flip=rng.random(batch_size, dtype=np.float32))
-
-
-def mask_ratio(ratio, total_unknown: int, method: str = "cosine") -> np.ndarray:
-  """float32 numpy version of the official `mask_schedule.schedule` (maskgit/libml/mask_schedule.py).
-
-  Official methods: uniform (1 - r), powX (1 - r**X), cosine (cos(pi/2 r)), log (-log2 r / log2 N), exp
-  (1 - 2**(-log2 N (1 - r))); the seed's arccos (arccos(r) / (pi/2)), linear (1 - r), square (1 - r**2) and root
-  (1 - sqrt r) are accepted too. The result is clipped to [1e-6, 1] as in the official code.
-  """
-  r = np.asarray(ratio, np.float32)
-  n = np.float32(total_unknown)
-  with np.errstate(divide="ignore"):
-    if method in ("uniform", "linear"):
-      out = 1.0 - r
-    elif method.startswith("pow"):
-      out = 1.0 - r ** np.float32(float(method[3:]))
-    elif method == "cosine":
-      out = np.cos(np.float32(math.pi / 2.0) * r)
-    elif method == "log":
-      out = -np.log2(r) / np.log2(n)
-    elif method == "exp":
-      out = 1.0 - np.exp2(-np.log2(n) * (1.0 - r))
-    elif method == "arccos":
-      out = np.arccos(r) / np.float32(math.pi / 2.0)
-    elif method == "square":
-      out = 1.0 - r ** 2
-    elif method == "root":
-      out = 1.0 - np.sqrt(r)
-    else:
-      raise ValueError(f"unknown mask schedule {method!r}")
-  return np.clip(np.asarray(out, np.float32), np.float32(1e-6), np.float32(1.0))
 
 
 def num_masked(ratio: np.ndarray, num_tokens: int, method: str = "cosine") -> np.ndarray:
