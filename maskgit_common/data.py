@@ -17,6 +17,7 @@ no image is distorted. Random horizontal flips are applied at training time from
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import os
 from typing import Iterator, Sequence
 
@@ -213,3 +214,17 @@ def iterate_images(dataset, batch_size: int, indices: Sequence[int] | None = Non
   finally:
     if pool:
       pool.shutdown()
+
+
+def with_class_names(config):
+  """`config` with `data.class_names` filled from the dataset when empty (synthetic pattern names, or an image
+  folder's class folders), so exported checkpoints label their sample grids with names."""
+  if config.data.class_names:
+    return config
+  names = ()
+  if config.data.dataset == "synthetic":
+    names = SYNTHETIC_CLASSES[:config.num_class]
+  elif config.data.dataset == "folder" and os.path.isdir(config.data.data_dir):
+    names = tuple(sorted(d for d in os.listdir(config.data.data_dir)
+                         if os.path.isdir(os.path.join(config.data.data_dir, d))))[:config.num_class]
+  return config.replace(data=dataclasses.replace(config.data, class_names=tuple(names))) if names else config

@@ -217,7 +217,7 @@ def export(workdir: str, config: MaskGITConfig, state, tokenizer_variables) -> s
     if tokenizer_variables is not None:
       checkpoint_lib.save_msgpack_params(os.path.join(directory, "tokenizer.msgpack"),
                                          {"params": jax.device_get(tokenizer_variables["params"])})
-    config.save(os.path.join(directory, "config.json"))
+    data_lib.with_class_names(config).save(os.path.join(directory, "config.json"))
 
   return training.publish_dir(os.path.join(workdir, training.EXPORT_DIR), write)
 

@@ -249,7 +249,8 @@ def export(workdir: str, config: MaskGITConfig, model, ema: EMA | None, tokenize
     weights.update({k: v.detach().cpu() for k, v in ema.params.items()})
   tokenizer_state = None if tokenizer is None else {k: v.cpu() for k, v in tokenizer.state_dict().items()}
   out = os.path.join(workdir, training.EXPORT_DIR)
-  checkpoint_lib.save_checkpoint_dir(out, config, tokenizer_state, weights, overwrite=True)
+  checkpoint_lib.save_checkpoint_dir(out, data_lib.with_class_names(config), tokenizer_state, weights,
+                                     overwrite=True)
   return out
 
 
