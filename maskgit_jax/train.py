@@ -231,12 +231,14 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def save_state(directory: str, state) -> None:
   """The training state as an orbax PyTree of host arrays (optax named tuples as dicts: to_state_dict)."""
-  _checkpointer().save(os.path.join(directory, STATE_DIR), flax.serialization.to_state_dict(jax.device_get(state)))
+  # orbax refuses relative paths: a relative --workdir is resolved here.
+  _checkpointer().save(os.path.abspath(os.path.join(directory, STATE_DIR)),
+                       flax.serialization.to_state_dict(jax.device_get(state)))
 
 
 def restore_state(directory: str, template):
   """Restores `save_state`'s output into the structure of `template` (bit-exact float32 arrays)."""
-  restored = _checkpointer().restore(os.path.join(directory, STATE_DIR))
+  restored = _checkpointer().restore(os.path.abspath(os.path.join(directory, STATE_DIR)))
   return flax.serialization.from_state_dict(template, restored)
 
 

@@ -267,3 +267,15 @@ def test_tiny_preset_on_synthetic_images(name, tmp_path):
   losses = np.asarray(out["losses"])
   assert losses[-20:].mean() < math.log(config.codebook_size) - 1.0, losses[-20:].mean()
   assert os.path.isdir(out["export"])
+
+
+def test_jax_state_checkpoint_accepts_a_relative_workdir(tmp_path, monkeypatch):
+  """orbax wants absolute paths; `run.py train --workdir runs/x` passes a relative one."""
+  pytest.importorskip("flax")
+  from maskgit_jax import train as jax_train  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  state = {"step": np.int32(3), "w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  jax_train.save_state("relative/ckpt", state)
+  restored = jax_train.restore_state("relative/ckpt", state)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert int(restored["step"]) == 3
