@@ -39,6 +39,9 @@ flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs); an
 flags.DEFINE_enum("stage", "transformer", ["tokenizer", "transformer", "all"],
                   "train: which model to train. tokenizer exports <workdir>/tokenizer, which the transformer stage "
                   "then uses; all = tokenizer, then transformer.")
+flags.DEFINE_bool("multihost", False, "train --backend jax: call jax.distributed.initialize() first (multi-host "
+                  "GPU clusters and TPU pods; run the same command on every host). Also on when "
+                  "JAX_COORDINATOR_ADDRESS is set.")
 flags.DEFINE_string("tokenizer", None, "train: tokenizer checkpoint for the transformer stage (default "
                     "<workdir>/tokenizer, else a random tokenizer with a warning).")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
@@ -193,7 +196,10 @@ def cmd_train() -> None:
     summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir)
     print(f"tokenizer: {summary['step']} steps, exported to {summary['export_dir']}")
   if FLAGS.stage in ("transformer", "all"):
-    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer)
+    extra = {"distributed": True} if FLAGS.multihost and backend == "jax" else {}
+    if FLAGS.multihost and backend != "jax":
+      raise UsageError("--multihost is for --backend jax; torch multi-node training runs under torchrun")
+    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **extra)
     print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
 
 
