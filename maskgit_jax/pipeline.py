@@ -45,6 +45,15 @@ class MaskGIT:
     self._decode = jax.jit(lambda v, c: tokenizer.apply(v, c, method=VQVAE.decode_from_indices).astype(
         jnp.float32))
 
+    def decode_program(variables, init_ids, noise, num_iter, start_iter, sampler_config):
+      logits_fn = lambda ids: transformer.apply(variables, ids)[..., :k].astype(jnp.float32)
+      return sampler.decode_with_config(init_ids, logits_fn, noise, sampler_config, num_iter=num_iter,
+                                        start_iter=start_iter)
+
+    # The whole decode (every step, the noise draws, the bookkeeping) is one XLA program, as the official
+    # p_generate_samples: one dispatch per call, no host round trip per step, compiled once per shape/config.
+    self._decode_program = jax.jit(decode_program, static_argnums=(3, 4, 5))
+
   @classmethod
   def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
                       precision: str = "parity") -> "MaskGIT":
@@ -102,7 +111,11 @@ class MaskGIT:
   def decode_sequences(self, init_ids: jax.Array, noise, num_iter: int | None = None,
                        start_iter: int | None = None):
     """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
-    self._require_transformer()
+    variables = self._require_transformer()
+    if isinstance(noise, (sampler.PRNGNoise, sampler.RecordedNoise)):  # array pytrees: the whole decode is jitted
+      return self._decode_program(variables, jnp.asarray(init_ids), noise, num_iter, start_iter,
+                                  self.config.sampler)
+    # Any other provider (e.g. one drawing from host state) runs the same decoder outside jit.
     return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
                                       num_iter=num_iter, start_iter=start_iter)
 
@@ -114,9 +127,9 @@ class MaskGIT:
   def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
                return_output: bool = False):
     """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
-    class_tokens = self.class_tokens(labels)
-    init_ids = jnp.full((class_tokens.shape[0], self.config.seq_len), self.config.mask_token_id, jnp.int32)
-    init_ids = init_ids.at[:, 0].set(class_tokens)
+    class_tokens = np.asarray(self.class_tokens(labels))
+    init_ids = np.full((class_tokens.shape[0], self.config.seq_len), self.config.mask_token_id, np.int32)
+    init_ids[:, 0] = class_tokens  # built on the host: one transfer instead of eager device ops
     out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
     images, tokens = self._images_from_output(out)
     return (images, tokens, out) if return_output else (images, tokens)

@@ -78,6 +78,24 @@ def _official_method(method: str) -> bool:
 
 
 # Noise providers ------------------------------------------------------------------------------------------------
+def _array_pytree(cls):
+  """Registers a noise provider whose attributes are all arrays as a pytree, so it can be passed through jax.jit
+  (the pipelines jit the whole decode with the provider as an argument). Unflattening skips __init__: the arrays
+  were validated when the provider was built."""
+  def flatten(noise):
+    names = tuple(sorted(vars(noise)))
+    return tuple(getattr(noise, n) for n in names), names
+
+  def unflatten(names, leaves):
+    noise = object.__new__(cls)
+    vars(noise).update(zip(names, leaves))
+    return noise
+
+  jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+  return cls
+
+
+@_array_pytree
 class PRNGNoise:
   """Draws from a PRNG key with the official splitting: per step `key, k_sample = split(key)`, then
   `key, k_choice = split(key)`; Gumbel noise is jax.random.gumbel (so `argmax(logits + g)` is
@@ -100,6 +118,7 @@ class PRNGNoise:
     return state, jax.random.gumbel(k_choice, shape)
 
 
+@_array_pytree
 class RecordedNoise:
   """Replays recorded draws: `gumbel_sample` (n, B, S, K) and `gumbel_choice` (n, B, S) for the n executed steps."""
 

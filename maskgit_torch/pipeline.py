@@ -146,10 +146,13 @@ class MaskGIT:
     return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
                                       num_iter=num_iter, start_iter=start_iter)
 
+  @torch.no_grad()
   def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
     side = self.config.latent_size
     tokens = out.final_seqs[:, -1, 1:].reshape(-1, side, side)
-    return self.decode_tokens(tokens.cpu().numpy()), tokens.cpu().numpy().astype(np.int32)
+    with self._autocast():  # decoded where the tokens are; one copy to the host at the end
+      images = self.tokenizer.decode_from_indices(tokens.long())
+    return images.float().cpu().numpy(), tokens.cpu().numpy().astype(np.int32)
 
   def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
                return_output: bool = False):

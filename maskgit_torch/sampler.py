@@ -81,6 +81,10 @@ class RecordedNoise:
       raise ValueError(f"RecordedNoise: gumbel_sample must be (n, B, S, K) and gumbel_choice (n, B, S), got "
                        f"{tuple(self.gumbel_sample_draws.shape)} and {tuple(self.gumbel_choice_draws.shape)}")
 
+  def to(self, device) -> "RecordedNoise":
+    """The same draws on `device`, moved once before the loop (not one host-to-device copy per step)."""
+    return RecordedNoise(self.gumbel_sample_draws.to(device), self.gumbel_choice_draws.to(device))
+
   @staticmethod
   def _take(draws, index, shape, device, what):
     if tuple(draws.shape[1:]) != tuple(shape):
@@ -157,6 +161,8 @@ def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, s
   if isinstance(noise, RecordedNoise):
     noise.check_steps(n)
   device = ids.device
+  if isinstance(noise, RecordedNoise):
+    noise = noise.to(device)
   unknown_at_start = (ids == MASK_TOKEN_ID).sum(-1)
   table = torch.from_numpy(schedules.mask_len_table(num_iter, ids.shape[1], mask_schedule)).to(device)
   records = {k: [] for k in ("input", "sampled", "mask_len", "masking", "after")}
@@ -218,11 +224,14 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
   if isinstance(noise, RecordedNoise):
     noise.check_steps(n)
   device = ids.device
+  if isinstance(noise, RecordedNoise):
+    noise = noise.to(device)
   plan = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
           for k, v in schedules.decode_plan(cfg, num_iter, start_iter, ids.shape[1]).items()}
   unknown_at_start = (ids == MASK_TOKEN_ID).sum(-1)
   records = {k: [] for k in ("input", "sampled", "mask_len", "masking", "after")}
   cur_ids = ids
+  softmax_temperature = torch.tensor(cfg.softmax_temperature, dtype=torch.float32, device=device)  # made once
   for index in range(n):
     step = start_iter + index
     if cfg.guidance_scale > 0:
@@ -230,7 +239,7 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
     else:
       logits = tokens_to_logits(cur_ids).float()
     if cfg.softmax_temperature != 1:
-      logits = logits / torch.tensor(cfg.softmax_temperature, dtype=torch.float32, device=device)
+      logits = logits / softmax_temperature
     g_sample = noise.gumbel_sample(index, tuple(logits.shape), device)
     sampled_ids = torch.argmax(g_sample + logits, dim=-1)
     unknown_map = cur_ids == MASK_TOKEN_ID

@@ -158,3 +158,20 @@ def test_fast_precision_stays_close_to_parity(checkpoints):
     # bfloat16 keeps 8 mantissa bits: ~0.4% relative per op; random-init logits are O(1).
     assert np.abs(a - b).max() < 0.1, module.__name__
     assert np.abs(a - b).max() > 0, module.__name__  # fast mode really computes in bfloat16
+
+
+def test_jitted_jax_decode_equals_the_sampler_called_directly(checkpoints):
+  """The JAX pipeline runs the whole decode as one jitted program; it must equal decode_with_config step by step,
+  for both noise providers and with guidance on."""
+  import jax  # pylint: disable=import-outside-toplevel
+  config = checkpoints[0]
+  model = jax_pipeline.MaskGIT.from_checkpoint(checkpoints[2], overrides=["sampler.guidance_scale=3"], device="cpu")
+  ids = np.full((2, config.seq_len), -1, np.int32)
+  ids[:, 0] = config.codebook_size + np.array([0, 2])
+  draws = recorded_draws(config, 2, config.sampler.num_iter, seed=4)
+  for make in (lambda: jax_sampler.PRNGNoise(jax.random.PRNGKey(7)), lambda: recorded("jax", draws)):
+    jitted = model.decode_sequences(ids, make())
+    direct = jax_sampler.decode_with_config(ids, model.tokens_to_logits, make(), model.config.sampler)
+    for field in ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "step_masking",
+                  "step_state_after"):
+      np.testing.assert_array_equal(np.asarray(getattr(jitted, field)), np.asarray(getattr(direct, field)), field)
