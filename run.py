@@ -31,7 +31,7 @@ flags.DEFINE_string("device", "auto", "torch device (cpu, cuda, cuda:1) or 'auto
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (config.json + weights). Default: the demo model.")
 flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, tiny) or a config.json path.")
 flags.DEFINE_multi_string("set", [], "Config override section.field=value; repeatable.")
-flags.DEFINE_string("classes", None, "Comma-separated class labels to sample (default: every class once, up to 8).")
+flags.DEFINE_string("classes", None, "Comma-separated class labels to sample (default: every class once, up to 10).")
 flags.DEFINE_integer("steps", None, "Decoding steps (default: the config's sampler.num_iter).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("out", None, "Output PNG (sample/edit).")
@@ -105,7 +105,7 @@ def require_backend(backend: str) -> None:
 
 def parse_classes(text: str | None, num_class: int) -> list[int]:
   if not text:
-    return list(range(min(num_class, 8)))
+    return list(range(min(num_class, 10)))
   try:
     labels = [int(c) for c in text.split(",") if c.strip()]
   except ValueError:
@@ -114,6 +114,14 @@ def parse_classes(text: str | None, num_class: int) -> list[int]:
   if bad or not labels:
     raise UsageError(f"--classes {text!r}: labels must lie in [0, {num_class}) for this model")
   return labels
+
+
+def out_path(default: str, flag: str = "out") -> str:
+  """--out (or --save_steps): a regular file to create or replace, in an existing or creatable directory."""
+  path = getattr(FLAGS, flag) or default
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise UsageError(f"--{flag} {path}: exists and is not a regular file; give a .png path")
+  return path
 
 
 def checkpoint_path() -> str:
@@ -144,8 +152,10 @@ def cmd_sample() -> None:
   steps = FLAGS.steps or config.sampler.num_iter
   if steps < 1:
     raise UsageError(f"--steps must be >= 1, got {steps}")
+  out = out_path("samples.png")
+  if FLAGS.save_steps:
+    out_path("", "save_steps")
   images, _, decoded = model.generate(labels, seed=FLAGS.seed, num_iter=steps, return_output=True)
-  out = FLAGS.out or "samples.png"
   from maskgit_common.images import save_grid
   names = model.class_names(labels)
   save_grid(images, out, labels=names, scale=grid_scale(config))
@@ -209,13 +219,15 @@ def grid_scale(config) -> int:
 
 def save_decoding_steps(model, decoded, path: str, names) -> None:
   """One row per sample, one column per executed step: the step's predictions (every position decoded), with the
-  positions masked again for the next step greyed out, as the official demo shows the process."""
+  positions masked again for the next step greyed out, as the official demo shows the process; the last column is
+  the final image."""
   import numpy as np
   from maskgit_common.images import save_grid
   config = model.config
   side, f = config.latent_size, config.downsample_factor
   sampled = np.asarray(decoded.step_sampled_ids)[:, :, 1:]  # (n, B, L)
-  masking = np.asarray(decoded.step_masking)[:, :, 1:]
+  masking = np.asarray(decoded.step_masking)[:, :, 1:].copy()
+  masking[-1] = False  # the last step's samples are the output (the official loop still re-masks one, unused)
   n, b, _ = sampled.shape
   frames = model.decode_tokens(sampled.reshape(n * b, side, side)).reshape(n, b, config.image_size,
                                                                           config.image_size, 3)
@@ -295,7 +307,9 @@ def cmd_edit() -> None:
   if note:
     print(note)
   mode = editing.edit_mode(latent_mask)
-  out = FLAGS.out or "edited.png"
+  out = out_path("edited.png")
+  if FLAGS.save_steps:
+    out_path("", "save_steps")
   decoded = None
   if mode == "none":
     print("the mask marks no token: nothing to regenerate, the output is the input")

@@ -76,9 +76,9 @@ def main() -> None:
   os.makedirs(OUT, exist_ok=True)
   checkpoint = os.path.join(DEMO, "checkpoint")
   run("sample", "--checkpoint", checkpoint, "--classes", "0,1,2,3,4,5,6,7,8,9", "--seed", "1",
-      "--out", os.path.join(OUT, "demo_grid.png"), "--save_steps", os.path.join(OUT, "decode_steps_all.png"))
-  run("sample", "--checkpoint", checkpoint, "--classes", "0,5,7", "--seed", "2", "--out", "/dev/null",
-      "--save_steps", os.path.join(OUT, "decode_steps.png"))
+      "--out", os.path.join(OUT, "demo_grid.png"))
+  run("sample", "--checkpoint", checkpoint, "--classes", "0,5,7", "--seed", "2", "--out",
+      os.path.join(OUT, "decode_steps_final.png"), "--save_steps", os.path.join(OUT, "decode_steps.png"))
   from maskgit_common.data import synthetic_image  # pylint: disable=import-outside-toplevel
   from maskgit_common.images import to_uint8  # pylint: disable=import-outside-toplevel
   source = os.path.join(OUT, "inpaint_input.png")

@@ -45,6 +45,10 @@ def make_grid(images: np.ndarray, labels: Sequence[str] | None = None, ncol: int
 def save_grid(images: np.ndarray, path: str, labels: Sequence[str] | None = None, ncol: int | None = None,
               scale: int = 1) -> str:
   """Writes a PNG grid atomically (temp file + rename) and returns the path."""
+  if os.path.exists(path) and not os.path.isfile(path):
+    # The atomic rename would replace whatever is there (a directory fails, but a device like /dev/null would be
+    # swapped for a regular file): only regular files are overwritten.
+    raise ValueError(f"cannot write the picture to {path}: it exists and is not a regular file")
   grid = make_grid(images, labels=labels, ncol=ncol, scale=scale)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
