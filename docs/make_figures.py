@@ -67,7 +67,7 @@ def line_plot(curves, path: str, title: str, reference: tuple[str, float] | None
     draw.text((width - right - 7 * len(label), py - 14), label, fill=(90, 90, 90))
   for i, (label, steps, values, colour) in enumerate(curves):
     draw.line([to_px(x, y) for x, y in zip(steps, values)], fill=colour, width=2)
-    draw.text((left + 8, top + 6 + 14 * i), label, fill=colour)
+    draw.text((left + 8, height - bottom - 18 - 14 * i), label, fill=colour)  # legend at the bottom left
   image.save(path)
   print(f"wrote {path}")
 

@@ -228,3 +228,24 @@ def with_class_names(config):
     names = tuple(sorted(d for d in os.listdir(config.data.data_dir)
                          if os.path.isdir(os.path.join(config.data.data_dir, d))))[:config.num_class]
   return config.replace(data=dataclasses.replace(config.data, class_names=tuple(names))) if names else config
+
+
+def write_synthetic_folder(path: str, first: int, count: int, image_size: int = 32) -> str:
+  """Writes synthetic images first..first+count-1 as PNGs in one folder (e.g. held-out references for eval)."""
+  from maskgit_common.images import to_uint8  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  for index in range(first, first + count):
+    image, label = synthetic_image(index, image_size)
+    Image.fromarray(to_uint8(image)).save(os.path.join(path, f"{index:06d}_{SYNTHETIC_CLASSES[label]}.png"))
+  return path
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description="Write synthetic images as PNGs (reference sets for eval).")
+  parser.add_argument("--write", required=True, help="output folder")
+  parser.add_argument("--first", type=int, default=20000, help="first image index (training uses 0..9999)")
+  parser.add_argument("--count", type=int, default=200)
+  parser.add_argument("--image_size", type=int, default=32)
+  args = parser.parse_args()
+  print(f"wrote {write_synthetic_folder(args.write, args.first, args.count, args.image_size)}: {args.count} images")
