@@ -332,6 +332,23 @@ def cmd_edit() -> None:
     save_decoding_steps(model, decoded, FLAGS.save_steps, model.class_names(label))
 
 
+def eval_generate_fn(model, decoder, steps: int, noise_for=None):
+  """generate_fn for maskgit_common.evaluate: tokens from `model` (either backend), images decoded from them by
+  `decoder`, the torch pipeline, in float32.
+
+  One decoder for both backends: the two tokenizers agree to ~5e-6, which still flips a few uint8 pixels in 1e5,
+  so identical tokens would give slightly different Inception features. Decoding every backend's tokens with the
+  same tokenizer makes samples with identical tokens score identically. `noise_for(labels, seed)` injects the
+  draws (tests: the same recorded draws in both backends); by default each backend draws from `seed`.
+  """
+  def generate(labels, seed):
+    labels = [int(l) for l in labels]
+    noise = noise_for(labels, seed) if noise_for else None
+    _, tokens = model.generate(labels, seed=seed, num_iter=steps, noise=noise)
+    return decoder.decode_tokens(tokens), tokens
+  return generate
+
+
 def cmd_eval() -> None:
   if not FLAGS.ref:
     raise UsageError("eval needs --ref: a folder or .npz of reference images, or reference statistics")
@@ -347,9 +364,13 @@ def cmd_eval() -> None:
     return
   model = load_pipeline()
   steps = FLAGS.steps or model.config.sampler.num_iter
-  generate = lambda labels, seed: model.generate([int(l) for l in labels], seed=seed, num_iter=steps)
+  decoder = model
+  if model_backend() != "torch":
+    from maskgit_torch import pipeline as torch_pipeline
+    decoder = torch_pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device)
+  generate = eval_generate_fn(model, decoder, steps)
   settings = {"backend": model_backend(), "checkpoint": os.path.abspath(checkpoint_path()), "steps": steps,
-              "precision": FLAGS.precision, "overrides": list(FLAGS.set)}
+              "precision": FLAGS.precision, "overrides": list(FLAGS.set), "decoder": "torch (fp32)"}
   evaluate.evaluate(generate, extractor, FLAGS.num_samples, model.config.num_class, out, FLAGS.ref,
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed, settings=settings)
 
