@@ -58,6 +58,7 @@ flags.DEFINE_integer("class", None, "edit: target class of the regenerated regio
 flags.DEFINE_string("extend", None, "edit (outpainting): top,bottom,left,right pixels to add around --image; the "
                     "new area is generated.")
 flags.DEFINE_string("save_steps", None, "sample/edit: also write a grid of the intermediate decoding states here.")
+flags.DEFINE_alias("save-steps", "save_steps")  # the spelling the issue and the seed's docs use
 flags.DEFINE_integer("num_samples", 1000, "eval: how many class-balanced samples to generate.")
 flags.DEFINE_string("ref", None, "eval: reference images (folder or .npz batch) or statistics (ADM / pytorch-fid / "
                     "ours) to compare with.")
@@ -66,6 +67,8 @@ flags.DEFINE_string("inception_weights", None, "eval: FID Inception weights pt_i
                     "(hash-checked; see docs/EVAL.md). Without it a RANDOM-INIT extractor is used and the report "
                     "says so.")
 flags.DEFINE_integer("batch_size", 50, "eval: generation and feature batch size.")
+for _name in ("num_samples", "inception_weights", "batch_size"):  # dashed spellings, as in the issues
+  flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
 class UsageError(Exception):
