@@ -100,8 +100,8 @@ def test_readme_train_and_eval_commands_run_shortened(tmp_path):
       _run([*argv, *short], tmp_path)
   assert os.path.isdir(tmp_path / "runs" / "mine" / "export")
   _run(["convert", "--src", "runs/mine/export", "--dst", "mine_torch", "--to", "torch"], tmp_path)
-  os.makedirs(tmp_path / "ref_images")
-  _inputs(tmp_path / "ref_images")
+  from maskgit_common.data import write_synthetic_folder  # pylint: disable=import-outside-toplevel
+  write_synthetic_folder(str(tmp_path / "ref_images"), 20000, 20)
   _run(["eval", "--checkpoint", DEMO, "--num_samples", "20", "--batch_size", "10", "--ref",
         str(tmp_path / "ref_images"), "--out", "eval_run"], tmp_path)
   assert os.path.isfile(tmp_path / "eval_run" / "metrics.json")

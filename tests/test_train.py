@@ -190,26 +190,26 @@ _SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_train as t
-cfg = t.small_config({cache!r}, num_train_steps={steps}, log_every_steps=1)
+cfg = t.small_config({cache!r}, num_train_steps={steps}, log_every_steps=1).with_overrides({overrides!r})
 t.backend({name!r}).train(cfg, {workdir!r}, progress=False)
 """
 
 
-def _script(tmp_dir, name, cache, workdir, steps):
+def _script(tmp_dir, name, cache, workdir, steps, overrides=None):
   path = os.path.join(tmp_dir, f"run_{name}_{os.path.basename(workdir)}.py")
   with open(path, "w") as f:
     f.write(_SCRIPT.format(repo=REPO, tests=os.path.dirname(__file__), cache=cache, steps=steps, name=name,
-                           workdir=workdir))
+                           workdir=workdir, overrides=dict(overrides or {})))
   return path
 
 
-def _run(name, cache, workdir, steps, env=None, launcher=()):
+def _run(name, cache, workdir, steps, env=None, launcher=(), overrides=None):
   """Trains in a subprocess; returns the per-step losses of metrics.jsonl (exact: JSON keeps every float bit).
 
   Under torchrun the trainer ends the process itself (os._exit after destroying its gloo group), so results come
   through files, not stdout.
   """
-  script = _script(os.path.dirname(workdir), name, cache, workdir, steps)
+  script = _script(os.path.dirname(workdir), name, cache, workdir, steps, overrides)
   proc = subprocess.run([*launcher, script] if launcher else [sys.executable, script], capture_output=True,
                         text=True, env={**os.environ, **(env or {})}, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,8 +229,12 @@ def test_jax_eight_devices_match_one(cache, tmp_path):
 @pytest.mark.slow
 def test_torch_ddp_two_processes_match_one(cache, tmp_path):
   backend("torch")
-  one = _run("torch", cache, str(tmp_path / "one"), 6)
-  two = _run("torch", cache, str(tmp_path / "two"), 6,
+  # Dropout off: torch draws dropout masks from each process's own generator, so 2 processes cannot draw the
+  # masks one process draws for the same rows (JAX derives them from one key over the global batch, so its
+  # 8-device test keeps dropout on). What is compared is the data-parallel math: sharded batch, all-reduce.
+  no_dropout = {"transformer.dropout_rate": 0.0}
+  one = _run("torch", cache, str(tmp_path / "one"), 6, overrides=no_dropout)
+  two = _run("torch", cache, str(tmp_path / "two"), 6, overrides=no_dropout,
              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"))
   np.testing.assert_allclose(two, one, rtol=2e-6, atol=0)
 
@@ -257,13 +261,18 @@ def test_sigkill_mid_training_resumes_bit_identical(name, cache, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["jax", "torch"])
 def test_tiny_preset_on_synthetic_images(name, tmp_path):
-  """The real path: synthetic images -> (random) tokenizer -> token cache -> 300 steps of the tiny transformer."""
+  """The real path: synthetic images -> the demo's trained tokenizer -> token cache -> 300 steps of the tiny
+  transformer. (With a random tokenizer the codes carry little of the images' structure: 300 steps only reach
+  ~0.55 below ln K, measured 3.60 in both backends.)"""
   train = backend(name)
+  tokenizer = os.path.join(REPO, "demo", "checkpoint")
+  if not os.path.isdir(tokenizer):
+    pytest.skip("the embedded demo model (its tokenizer) is missing from this checkout")
   config = configs.get_preset("tiny").with_overrides({"train.num_train_steps": 300,
                                                       "train.checkpoint_every_steps": 300})
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    out = train.train(config, str(tmp_path / "run"), num_synthetic=1000, progress=False)
+    out = train.train(config, str(tmp_path / "run"), tokenizer=tokenizer, num_synthetic=1000, progress=False)
   losses = np.asarray(out["losses"])
   assert losses[-20:].mean() < math.log(config.codebook_size) - 1.0, losses[-20:].mean()
   assert os.path.isdir(out["export"])
