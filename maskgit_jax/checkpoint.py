@@ -17,6 +17,7 @@ import numpy as np
 
 from configs import PRESETS, ConfigError, MaskGITConfig
 from conversion import table
+from maskgit_common import msgpack_io
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 
@@ -25,18 +26,6 @@ MODELS = ("tokenizer", "transformer")
 
 class CheckpointError(ValueError):
   """A checkpoint file is missing, unreadable, or does not hold the expected parameter tree."""
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-  """Nested mappings -> {"params/a/b": leaf}; anything that is not a mapping is a leaf."""
-  flat = {}
-  for name, value in tree.items():
-    path = f"{prefix}{name}"
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
 
 
 def _shape_dtype(leaf) -> tuple[tuple, Any]:
@@ -50,7 +39,7 @@ def _shape_dtype(leaf) -> tuple[tuple, Any]:
 
 def compare_trees(found: Mapping, expected: Mapping) -> list[str]:
   """Every missing, unexpected, mis-shaped and mis-typed leaf path, one line each (empty when they agree)."""
-  found, expected = _flatten(found), _flatten(expected)
+  found, expected = msgpack_io.flatten(found), msgpack_io.flatten(expected)
   problems = []
   for path in sorted(set(expected) - set(found)):
     shape, dtype = _shape_dtype(expected[path])
@@ -170,17 +159,7 @@ def load_safetensors_params(path: str, config: MaskGITConfig, which: str) -> dic
   if problems:
     raise CheckpointError(f"{path}: the {which} weights do not match the config ({len(problems)} problems):\n  "
                           + "\n  ".join(problems))
-  flat = {r.jax_path: table.to_jax(r, state[r.torch_key]) for r in rules}
-  tree: dict = {}
-  for path_, value in flat.items():
-    node = tree
-    *parents, leaf = path_.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  if "params" not in tree:
-    raise CheckpointError(f"{path}: the conversion table gave no 'params' root (internal error)")
-  return tree
+  return msgpack_io.unflatten({r.jax_path: table.to_jax(r, state[r.torch_key]) for r in rules})
 
 
 def _match_preset(path: str, which: str) -> MaskGITConfig | None:

@@ -39,13 +39,7 @@ def _official():
 
 
 def _sampler():
-  """maskgit_jax.sampler, or a skip naming why (it is written by another issue/helper)."""
-  try:
-    return importlib.import_module("maskgit_jax.sampler")
-  except ModuleNotFoundError as e:
-    if e.name != "maskgit_jax.sampler":
-      raise  # the sampler exists but one of its own imports is broken: that is a failure, not a skip
-    pytest.skip("maskgit_jax/sampler.py does not exist yet (being written); rerun once it lands")
+  return importlib.import_module("maskgit_jax.sampler")
 
 
 def flat_tree(tree) -> dict:
