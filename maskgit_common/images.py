@@ -56,6 +56,9 @@ def save_grid(images: np.ndarray, path: str, labels: Sequence[str] | None = None
   os.close(fd)
   try:
     grid.save(tmp, format="PNG")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a plain file's permissions
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
