@@ -12,7 +12,6 @@ checkpoint size, whether the round trip is bit-exact (file bytes), and torch vs 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -104,14 +103,6 @@ def _run_child(*args) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _digest(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
@@ -122,6 +113,7 @@ def main() -> None:
     {"convert": _child_convert, "logits": _child_logits}[args.child[0]](*args.child[1:])
     return
   from configs.presets import get_preset
+  from maskgit_common.training import sha256_file
   config = get_preset("imagenet_256")
   work = args.workdir or tempfile.mkdtemp(prefix="maskgit_convert_bench_")
   official, torch_dir, jax_dir = (os.path.join(work, d) for d in ("official", "torch", "jax"))
@@ -143,7 +135,7 @@ def main() -> None:
       print(f"{name:18s} {r['seconds']:6.1f} s   peak RSS {r['peak_rss'] / 2**20:7.1f} MiB "
             f"({r['peak_rss'] / total:.2f}x checkpoint; after imports {r['rss_after_imports'] / 2**20:.0f} MiB, "
             f"conversion adds {(r['peak_rss'] - r['rss_after_imports']) / total:.2f}x)")
-    exact = {w: _digest(os.path.join(official, f"{w}.msgpack")) == _digest(os.path.join(jax_dir, f"{w}.msgpack"))
+    exact = {w: sha256_file(os.path.join(official, f"{w}.msgpack")) == sha256_file(os.path.join(jax_dir, f"{w}.msgpack"))
              for w in WHICH}
     print(f"round trip official -> torch -> jax bit-exact: {exact}")
     logits = _run_child("--child", "logits", torch_dir, jax_dir)

@@ -148,7 +148,8 @@ def _files_below(root: str) -> list[str]:
   return sorted(out)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+  """Hex SHA-256 of a file, read in blocks (checkpoint manifests, weight files, benchmark byte-identity)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -192,7 +193,7 @@ class CheckpointDir:
         p = os.path.join(tmp, name)
         with open(p, "rb") as f:
           os.fsync(f.fileno())
-        files[name] = {"sha256": _sha256(p), "bytes": os.path.getsize(p)}
+        files[name] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
       manifest = {"step": step, "time": time.time(), "host": socket.gethostname(), "files": files, "meta": meta}
       with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -229,7 +230,7 @@ class CheckpointDir:
       p = os.path.join(path, *name.split("/"))
       if not os.path.isfile(p):
         return False, f"missing file {name}", manifest
-      if os.path.getsize(p) != info["bytes"] or _sha256(p) != info["sha256"]:
+      if os.path.getsize(p) != info["bytes"] or sha256_file(p) != info["sha256"]:
         return False, f"checksum mismatch in {name}", manifest
     return True, "", manifest
 

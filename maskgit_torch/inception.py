@@ -24,7 +24,6 @@ need torchvision, which cannot be installed beside this project's CPU torch (doc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskgit_common.evaluate import FeatureExtractor
+from maskgit_common.training import sha256_file  # pylint: disable=unused-import (public here too)
 
 # sha256 of accepted weight files. pytorch-fid's release file; torch-fidelity ships the same bytes under the name
 # weights-inception-2015-12-05-6726825d.pth (the "6726825d" in both names is this hash's prefix).
@@ -221,14 +221,6 @@ class FIDInceptionV3(nn.Module):
 
 
 # Weights ---------------------------------------------------------------------------------------------------------
-def sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _check_state_dict(model: nn.Module, state, path: str) -> dict:
   """The state dict without BatchNorm counters; raises listing every missing, unexpected and mis-shaped key."""
   if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -158,10 +158,9 @@ def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, s
   if ids.ndim != 2:
     raise ValueError(f"decode: init_ids must be (B, S), got shape {tuple(ids.shape)}")
   n = num_iter - start_iter
-  if isinstance(noise, RecordedNoise):
-    noise.check_steps(n)
   device = ids.device
   if isinstance(noise, RecordedNoise):
+    noise.check_steps(n)
     noise = noise.to(device)
   unknown_at_start = (ids == MASK_TOKEN_ID).sum(-1)
   table = torch.from_numpy(schedules.mask_len_table(num_iter, ids.shape[1], mask_schedule)).to(device)
@@ -187,6 +186,11 @@ def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, s
     for key, value in zip(records, (cur_ids, sampled_ids, mask_len, masking, next_ids)):
       records[key].append(value)
     cur_ids = next_ids
+  return _stack_output(ids, start_iter, records)
+
+
+def _stack_output(ids, start_iter: int, records: dict) -> DecodeOutput:
+  """Per-step lists -> DecodeOutput; rows of final_seqs before start_iter repeat the initial ids (official)."""
   stacked = {k: torch.stack(v) for k, v in records.items()}
   before = ids.unsqueeze(1).expand(-1, start_iter, -1)
   final_seqs = torch.cat([before, stacked["sampled"].transpose(0, 1)], dim=1)
@@ -221,10 +225,9 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
     raise ValueError(f"decode_with_config: need 0 <= start_iter < num_iter, got {start_iter}, {num_iter}")
   ids = torch.as_tensor(init_ids).long()
   n = num_iter - start_iter
-  if isinstance(noise, RecordedNoise):
-    noise.check_steps(n)
   device = ids.device
   if isinstance(noise, RecordedNoise):
+    noise.check_steps(n)
     noise = noise.to(device)
   plan = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
           for k, v in schedules.decode_plan(cfg, num_iter, start_iter, ids.shape[1]).items()}
@@ -261,8 +264,4 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
     for key, value in zip(records, (cur_ids, sampled_ids, mask_len, masking, next_ids)):
       records[key].append(value)
     cur_ids = next_ids
-  stacked = {k: torch.stack(v) for k, v in records.items()}
-  before = ids.unsqueeze(1).expand(-1, start_iter, -1)
-  final_seqs = torch.cat([before, stacked["sampled"].transpose(0, 1)], dim=1)
-  return DecodeOutput(final_seqs, stacked["input"], stacked["sampled"], stacked["mask_len"], stacked["masking"],
-                      stacked["after"])
+  return _stack_output(ids, start_iter, records)
