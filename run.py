@@ -27,6 +27,9 @@ flags.DEFINE_enum("backend", None, ["torch", "jax", "both"],
                   "Which framework runs the model (default torch; parity: both).")
 flags.DEFINE_enum("precision", "parity", ["parity", "fast"],
                   "parity: float32, highest matmul precision, TF32 off. fast: bfloat16 compute.")
+flags.DEFINE_bool("torch_compile", False, "sample/edit/eval --backend torch: torch.compile the transformer, the "
+                  "sampler step and the tokenizer decoder (seconds of compilation per batch shape; worth it for "
+                  "many batches). JAX always compiles its decode with jit.")
 flags.DEFINE_string("device", "auto", "torch device (cpu, cuda, cuda:1) or 'auto'; JAX uses its default backend.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (config.json + weights). Default: the demo model.")
 flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, tiny) or a config.json path.")
@@ -138,14 +141,19 @@ def checkpoint_path() -> str:
 def load_pipeline():
   """The backend's MaskGIT pipeline from --checkpoint, with --set overrides applied to its config."""
   backend = model_backend()
+  if FLAGS.torch_compile and backend != "torch":
+    raise UsageError("--torch_compile is for --backend torch (the JAX decode is always one jitted program)")
   require_backend(backend)
   set_precision(backend, FLAGS.precision)
   if backend == "torch":
     from maskgit_torch import pipeline
   else:
     from maskgit_jax import pipeline
+  if backend == "jax":
+    return pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
+                                            precision=FLAGS.precision)
   return pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
-                                          precision=FLAGS.precision)
+                                          precision=FLAGS.precision, torch_compile=FLAGS.torch_compile)
 
 
 def cmd_sample() -> None:
@@ -374,6 +382,8 @@ def cmd_eval() -> None:
   generate = eval_generate_fn(model, decoder, steps)
   settings = {"backend": model_backend(), "checkpoint": os.path.abspath(checkpoint_path()), "steps": steps,
               "precision": FLAGS.precision, "overrides": list(FLAGS.set), "decoder": "torch (fp32)"}
+  if FLAGS.torch_compile:  # compiled kernels round differently: not the same samples as an eager run's
+    settings["torch_compile"] = True
   evaluate.evaluate(generate, extractor, FLAGS.num_samples, model.config.num_class, out, FLAGS.ref,
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed, settings=settings)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +22,14 @@ from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
 PRECISIONS = ("parity", "fast")
+
+
+def _native_cpu_bfloat16() -> bool:
+  """Whether this CPU has bfloat16 arithmetic (oneDNN uses AVX512-BF16 or AMX); otherwise it is emulated."""
+  try:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # pylint: disable=protected-access
+  except (AttributeError, RuntimeError):  # a build without oneDNN
+    return False
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,19 +61,35 @@ class MaskGIT:
   """A tokenizer + transformer pair with the config that built them."""
 
   def __init__(self, config: MaskGITConfig, tokenizer: VQVAE, transformer: Transformer | None,
-               device: str | torch.device = "auto", precision: str = "parity"):
+               device: str | torch.device = "auto", precision: str = "parity", torch_compile: bool | str = False):
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     self.config = config
     self.device = resolve_device(device)
     self.precision = precision
+    if precision == "fast" and self.device.type == "cpu" and not _native_cpu_bfloat16():
+      warnings.warn("precision 'fast' (bfloat16) on this CPU is emulated (no AVX512-BF16 / AMX): measured 7-25x "
+                    "slower than 'parity' here (benchmarks/RESULTS.md); use parity, optionally with torch_compile")
     # Master weights stay float32; "fast" runs the matmuls under bfloat16 autocast (norm statistics in float32).
     self.tokenizer = tokenizer.to(self.device).eval()
     self.transformer = transformer.to(self.device).eval() if transformer is not None else None
+    # torch_compile (True or a torch.compile mode for the transformer, e.g. "max-autotune"): the transformer, the
+    # sampler's step and the tokenizer decoder each become a compiled graph per batch shape (compiled on first use:
+    # seconds on a GPU, 5-15 s per shape on a CPU). The step always compiles in the default mode: the decoder keeps
+    # every step's outputs, which CUDA-graph replays ("reduce-overhead") would overwrite. Numerics: fused kernels
+    # round differently from eager (~1e-7 on the logits), so parity checks use the eager default.
+    self.torch_compile = torch_compile
+    self._compiled = {}  # empty: the eager modules, looked up at each call
+    if torch_compile:
+      mode = None if torch_compile is True else str(torch_compile)
+      if self.transformer is not None:
+        self._compiled["transformer"] = torch.compile(self.transformer, mode=mode, dynamic=False)
+      self._compiled["step"] = torch.compile(sampler.decode_step, dynamic=False)
+      self._compiled["decode"] = torch.compile(self.tokenizer.decode_from_indices, dynamic=False)
 
   @classmethod
   def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
-                      precision: str = "parity") -> "MaskGIT":
+                      precision: str = "parity", torch_compile: bool | str = False) -> "MaskGIT":
     """Our checkpoint directory (torch safetensors, or JAX msgpack converted on the fly) or an official pair.
 
     `overrides` ("sampler.num_iter=12", ...) apply to the loaded config; overriding a model field that changes a
@@ -87,7 +112,8 @@ class MaskGIT:
       modules = _modules_from_weights(config, layout, weights)
     if modules.get("tokenizer") is None:
       raise checkpoint.CheckpointError(f"{path} holds no tokenizer: a pipeline needs one to make images")
-    return cls(config, modules["tokenizer"], modules.get("transformer"), device=device, precision=precision)
+    return cls(config, modules["tokenizer"], modules.get("transformer"), device=device, precision=precision,
+               torch_compile=torch_compile)
 
   # Small helpers --------------------------------------------------------------------------------------------------
   def class_names(self, labels: Sequence[int]) -> list[str]:
@@ -104,11 +130,12 @@ class MaskGIT:
       raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
     return self.transformer
 
-  @torch.no_grad()
+  @torch.inference_mode()
   def tokens_to_logits(self, ids: torch.Tensor) -> torch.Tensor:
     """(N, S) ids -> (N, S, K) float32 logits over the image codes (the official slice of the vocabulary)."""
+    self._require_transformer()
     with self._autocast():
-      logits = self._require_transformer()(ids)
+      logits = self._compiled.get("transformer", self.transformer)(ids)
     return logits[..., :self.config.codebook_size].float()
 
   def make_noise(self, seed: int):
@@ -122,7 +149,7 @@ class MaskGIT:
     return torch.as_tensor(labels + self.config.codebook_size, device=self.device)
 
   # Public API ----------------------------------------------------------------------------------------------------
-  @torch.no_grad()
+  @torch.inference_mode()
   def encode(self, images: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) float in [0, 1] -> codes int32 (B, h, h)."""
     images = _check_images(images, self.config.image_size)
@@ -131,27 +158,28 @@ class MaskGIT:
       codes = self.tokenizer.encode_to_indices(x)
     return codes.cpu().numpy().astype(np.int32)
 
-  @torch.no_grad()
+  @torch.inference_mode()
   def decode_tokens(self, codes: np.ndarray) -> np.ndarray:
     """codes (B, h, h) -> images float32 (B, H, W, 3), unclipped (as the official decoder)."""
     codes = torch.as_tensor(np.asarray(codes, np.int64), device=self.device)
     with self._autocast():
-      images = self.tokenizer.decode_from_indices(codes)
+      images = self._compiled.get("decode", self.tokenizer.decode_from_indices)(codes)
     return images.float().cpu().numpy()
 
-  @torch.no_grad()
+  @torch.inference_mode()
   def decode_sequences(self, init_ids: torch.Tensor, noise, num_iter: int | None = None,
                        start_iter: int | None = None):
     """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
     return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
-                                      num_iter=num_iter, start_iter=start_iter)
+                                      num_iter=num_iter, start_iter=start_iter,
+                                      step_fn=self._compiled.get("step", sampler.decode_step))
 
-  @torch.no_grad()
+  @torch.inference_mode()
   def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
     side = self.config.latent_size
     tokens = out.final_seqs[:, -1, 1:].reshape(-1, side, side)
     with self._autocast():  # decoded where the tokens are; one copy to the host at the end
-      images = self.tokenizer.decode_from_indices(tokens.long())
+      images = self._compiled.get("decode", self.tokenizer.decode_from_indices)(tokens.long())
     return images.float().cpu().numpy(), tokens.cpu().numpy().astype(np.int32)
 
   def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,

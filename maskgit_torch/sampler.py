@@ -52,8 +52,8 @@ def _to_numpy(x):
 def gumbel(shape, generator: torch.Generator, device=None) -> torch.Tensor:
   """-log(-log(U)), U uniform in [tiny, 1) (jax.random.gumbel's formula), float32."""
   u = torch.rand(shape, generator=generator, device=device or generator.device, dtype=torch.float32)
-  u = u.clamp_min(torch.finfo(torch.float32).tiny)
-  return -torch.log(-torch.log(u))
+  # In place: the same values as -log(-log(max(u, tiny))) without four temporaries (per-op cost matters at batch 1).
+  return u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
 
 
 class GeneratorNoise:
@@ -136,20 +136,43 @@ def clamp_mask_len(raw, unknown_map):
   return torch.nan_to_num(mask_len, nan=0.0).long()
 
 
-def softmax(logits):
-  """exp(x - max) / sum, as jax.nn.softmax."""
+def selected_probs(logits, sampled_ids):
+  """softmax(logits) at `sampled_ids` (B, S), as jax.nn.softmax (exp(x - max) / sum) then take_along_axis, bit for
+  bit: gathering exp(x - max) first and dividing by the same sum afterwards rounds exactly as gathering from the
+  normalised probabilities, without dividing all K of them.
+  Ids outside [0, K) (the class token) are clamped; callers discard those positions."""
   e = torch.exp(logits - logits.amax(-1, keepdim=True))
-  return e / e.sum(-1, keepdim=True)
+  index = sampled_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
+  return (torch.gather(e, -1, index) / e.sum(-1, keepdim=True)).squeeze(-1)
+
+
+def decode_step(logits, cur_ids, g_sample, g_choice, raw_mask_len, temperature):
+  """One official step from its logits -> (sampled_ids, mask_len, masking, next_ids).
+
+  Tensors only (the raw mask length (B, 1) and the choice temperature (0-d) come from host tables made before the
+  loop), so torch.compile turns it into the same small graph for every step (MaskGIT(..., torch_compile=True)).
+  """
+  sampled_ids = torch.argmax(g_sample + logits, dim=-1)
+  unknown_map = cur_ids == MASK_TOKEN_ID
+  sampled_ids = torch.where(unknown_map, sampled_ids, cur_ids)
+  # Known positions (the class token among them) get +inf: never masked again.
+  probs = selected_probs(logits, sampled_ids).masked_fill_(~unknown_map, float("inf"))
+  mask_len = clamp_mask_len(raw_mask_len, unknown_map)
+  masking = mask_by_random_topk(mask_len, probs, g_choice, temperature)
+  next_ids = sampled_ids.masked_fill(masking, MASK_TOKEN_ID)
+  return sampled_ids, mask_len, masking, next_ids
 
 
 def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, start_iter: int = 0,
-           choice_temperature: float = 1.0, mask_schedule: str = "cosine") -> DecodeOutput:
+           choice_temperature: float = 1.0, mask_schedule: str = "cosine",
+           step_fn: Callable = decode_step) -> DecodeOutput:
   """The official parallel decoding (module docstring); same arguments as maskgit_jax.sampler.decode.
 
   Args:
     init_ids: (B, S) integer tensor: the class token, then codes or -1 (unknown).
     tokens_to_logits: ids (B, S) int64 -> logits (B, S, K) over the image codes.
     noise: `GeneratorNoise(generator)` or `RecordedNoise(gumbel_sample, gumbel_choice)`.
+    step_fn: `decode_step` or a compiled version of it.
   """
   schedules.check_method(mask_schedule)
   if not 0 <= start_iter < num_iter:
@@ -162,27 +185,23 @@ def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, s
   if isinstance(noise, RecordedNoise):
     noise.check_steps(n)
     noise = noise.to(device)
+  # Host tables, made once: every step's raw mask length for these rows, and the choice temperatures.
   unknown_at_start = (ids == MASK_TOKEN_ID).sum(-1)
   table = torch.from_numpy(schedules.mask_len_table(num_iter, ids.shape[1], mask_schedule)).to(device)
+  raw_mask_len = table[:, unknown_at_start].unsqueeze(-1)  # (T, B, 1)
+  temperatures = torch.from_numpy(np.array(
+      [schedules.loop_choice_temperature(t, num_iter, choice_temperature) for t in range(num_iter)],
+      np.float32)).to(device)
   records = {k: [] for k in ("input", "sampled", "mask_len", "masking", "after")}
   cur_ids = ids
   for index in range(n):
     step = start_iter + index
     logits = tokens_to_logits(cur_ids).float()
+    # The official order of draws: the categorical noise, then the choice noise.
     g_sample = noise.gumbel_sample(index, tuple(logits.shape), device)
-    sampled_ids = torch.argmax(g_sample + logits, dim=-1)
-    unknown_map = cur_ids == MASK_TOKEN_ID
-    sampled_ids = torch.where(unknown_map, sampled_ids, cur_ids)
-    probs = softmax(logits)
-    # The class position holds an id >= K; its gathered value is discarded (+inf), so clamp the index.
-    index_k = sampled_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
-    selected_probs = torch.gather(probs, -1, index_k).squeeze(-1)
-    selected_probs = torch.where(unknown_map, selected_probs, torch.full_like(selected_probs, float("inf")))
-    mask_len = clamp_mask_len(table[step, unknown_at_start].unsqueeze(-1), unknown_map)
-    g_choice = noise.gumbel_choice(index, tuple(selected_probs.shape), device)
-    masking = mask_by_random_topk(mask_len, selected_probs, g_choice,
-                                  float(schedules.loop_choice_temperature(step, num_iter, choice_temperature)))
-    next_ids = torch.where(masking, torch.full_like(sampled_ids, MASK_TOKEN_ID), sampled_ids)
+    g_choice = noise.gumbel_choice(index, tuple(logits.shape[:-1]), device)
+    sampled_ids, mask_len, masking, next_ids = step_fn(logits, cur_ids, g_sample, g_choice, raw_mask_len[step],
+                                                       temperatures[step])
     for key, value in zip(records, (cur_ids, sampled_ids, mask_len, masking, next_ids)):
       records[key].append(value)
     cur_ids = next_ids
@@ -212,15 +231,15 @@ def guided_logits(tokens_to_logits, ids, weight):
 
 
 def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_config, *, num_iter=None,
-                       start_iter=None) -> DecodeOutput:
+                       start_iter=None, step_fn: Callable = decode_step) -> DecodeOutput:
   """Decoding with the options of a `configs.SamplerConfig` (or a whole MaskGITConfig); see
-  maskgit_jax.sampler.decode_with_config. Defaults: exactly `decode`."""
+  maskgit_jax.sampler.decode_with_config. Defaults: exactly `decode` (with `step_fn`, which only that path uses)."""
   cfg = getattr(sampler_config, "sampler", sampler_config)
   num_iter = cfg.num_iter if num_iter is None else num_iter
   start_iter = cfg.start_iter if start_iter is None else start_iter
   if cfg.is_official:
     return decode(init_ids, tokens_to_logits, noise, num_iter=num_iter, start_iter=start_iter,
-                  choice_temperature=cfg.choice_temperature, mask_schedule=cfg.mask_schedule)
+                  choice_temperature=cfg.choice_temperature, mask_schedule=cfg.mask_schedule, step_fn=step_fn)
   if not 0 <= start_iter < num_iter:
     raise ValueError(f"decode_with_config: need 0 <= start_iter < num_iter, got {start_iter}, {num_iter}")
   ids = torch.as_tensor(init_ids).long()
@@ -247,20 +266,18 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
     sampled_ids = torch.argmax(g_sample + logits, dim=-1)
     unknown_map = cur_ids == MASK_TOKEN_ID
     sampled_ids = torch.where(unknown_map, sampled_ids, cur_ids)
-    probs = softmax(logits)
-    index_k = sampled_ids.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
-    selected_probs = torch.gather(probs, -1, index_k).squeeze(-1)
+    probs = selected_probs(logits, sampled_ids)
     mask_len = clamp_mask_len(plan["mask_len"][step, unknown_at_start].unsqueeze(-1), unknown_map)
-    g_choice = noise.gumbel_choice(index, tuple(selected_probs.shape), device)
+    g_choice = noise.gumbel_choice(index, tuple(probs.shape), device)
     if cfg.order == "halton":
-      confidence = (-plan["halton_rank"]).expand_as(selected_probs)
+      confidence = (-plan["halton_rank"]).expand_as(probs)
     else:
       a, b = plan["conf_log"][index], plan["conf_noise"][index]
-      confidence = torch.where(a > 0, a * torch.log(selected_probs), torch.zeros_like(selected_probs)) + b * g_choice
-    confidence = torch.where(unknown_map, confidence, torch.full_like(confidence, CONFIDENCE_OF_KNOWN_TOKENS))
+      confidence = torch.where(a > 0, a * torch.log(probs), torch.zeros_like(probs)) + b * g_choice
+    confidence = confidence.masked_fill(~unknown_map, CONFIDENCE_OF_KNOWN_TOKENS)
     cut_off = torch.gather(torch.sort(confidence, dim=-1)[0], -1, mask_len)
     masking = confidence < cut_off
-    next_ids = torch.where(masking, torch.full_like(sampled_ids, MASK_TOKEN_ID), sampled_ids)
+    next_ids = sampled_ids.masked_fill(masking, MASK_TOKEN_ID)
     for key, value in zip(records, (cur_ids, sampled_ids, mask_len, masking, next_ids)):
       records[key].append(value)
     cur_ids = next_ids

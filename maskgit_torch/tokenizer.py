@@ -73,8 +73,11 @@ def downsample(x: torch.Tensor) -> torch.Tensor:
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:
-  # Official `upsample`: jax.image.resize(method="nearest") by an integer factor 2 = pixel replication.
-  return F.interpolate(x, scale_factor=2, mode="nearest")
+  # Official `upsample`: jax.image.resize(method="nearest") by an integer factor 2 = pixel replication, written as a
+  # broadcast: the same values as F.interpolate(scale_factor=2, mode="nearest"), 2.7-3.5x faster on CPU (measured,
+  # 1 thread, (64, 64, 16, 16): 7.5 vs 20.4 ms) where interpolate copies its output once more.
+  b, c, h, w = x.shape
+  return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 class Encoder(nn.Module):

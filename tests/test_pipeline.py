@@ -5,6 +5,11 @@ One tiny random model is written as a torch checkpoint directory and converted t
 same tokens.
 """
 
+import os
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +180,40 @@ def test_jitted_jax_decode_equals_the_sampler_called_directly(checkpoints):
     for field in ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "step_masking",
                   "step_state_after"):
       np.testing.assert_array_equal(np.asarray(getattr(jitted, field)), np.asarray(getattr(direct, field)), field)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_tokens(checkpoints):
+  """torch_compile=True (transformer, sampler step, tokenizer decoder compiled): the same tokens as eager from the
+  same recorded draws, with and without guidance; images equal to float32 rounding. Slow: 3 graphs per shape."""
+  config = checkpoints[0]
+  labels = [0, 2, 1]
+  draws = recorded_draws(config, len(labels), config.sampler.num_iter, seed=5)
+  for overrides in ([], ["sampler.guidance_scale=2"]):
+    eager = torch_pipeline.MaskGIT.from_checkpoint(checkpoints[1], overrides=overrides, device="cpu")
+    compiled = torch_pipeline.MaskGIT.from_checkpoint(checkpoints[1], overrides=overrides, device="cpu",
+                                                      torch_compile=True)
+    ref_images, ref_tokens = eager.generate(labels, noise=recorded("torch", draws))
+    images, tokens = compiled.generate(labels, noise=recorded("torch", draws))
+    np.testing.assert_array_equal(tokens, ref_tokens, err_msg=str(overrides))
+    np.testing.assert_allclose(images, ref_images, atol=1e-4, rtol=0, err_msg=str(overrides))
+    assert set(compiled._compiled) == {"transformer", "step", "decode"}  # pylint: disable=protected-access
+
+
+def test_fast_precision_on_a_cpu_without_bfloat16_warns(checkpoints, monkeypatch):
+  for native, expect_warning in ((False, True), (True, False)):
+    monkeypatch.setattr(torch_pipeline, "_native_cpu_bfloat16", lambda native=native: native)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      torch_pipeline.MaskGIT.from_checkpoint(checkpoints[1], device="cpu", precision="fast")
+    assert any("emulated" in str(w.message) for w in caught) == expect_warning, native
+
+
+def test_torch_compile_flag_is_refused_for_the_jax_backend(checkpoints, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, "run.py"), "sample", "--backend", "jax",
+                         "--torch_compile", "--checkpoint", checkpoints[1], "--out", str(tmp_path / "x.png")],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.startswith("error:") and "--torch_compile" in proc.stderr, proc.stderr
+  assert not os.listdir(tmp_path)

@@ -171,3 +171,20 @@ def test_edit_mask_and_input_tokens_match_the_official_record(case):
   np.testing.assert_array_equal(np.broadcast_to(mask, rec["edit_latent_mask"].shape), rec["edit_latent_mask"])
   ids = editing.edit_input_tokens(rec["edit_source_codes"], mask, int(rec["edit_target_label"]), config)
   np.testing.assert_array_equal(ids, rec["edit_init_ids"])
+
+
+def test_selected_probs_equal_softmax_then_gather_bit_for_bit():
+  """The torch decoder divides only the gathered exp(x - max) by the row sum: the same rounding as jax.nn.softmax
+  followed by take_along_axis; ids >= K (the class token) are clamped."""
+  logits = torch.randn(3, 17, 50) * 4
+  ids = torch.randint(0, 60, (3, 17))
+  e = torch.exp(logits - logits.amax(-1, keepdim=True))
+  probs = e / e.sum(-1, keepdim=True)
+  expected = torch.gather(probs, -1, ids.clamp(0, 49).unsqueeze(-1)).squeeze(-1)
+  assert torch.equal(torch_sampler.selected_probs(logits, ids), expected)
+
+
+def test_in_place_gumbel_equals_the_formula():
+  u = torch.rand((4, 9, 7), generator=torch.Generator().manual_seed(3))
+  expected = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+  assert torch.equal(torch_sampler.gumbel((4, 9, 7), torch.Generator().manual_seed(3)), expected)

@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conversion import jax_to_torch, param_table
 from conversion.table import torch_shape
 from maskgit_common.msgpack_io import read_msgpack
-from maskgit_torch.tokenizer import VQVAE
-from maskgit_torch.transformer import Transformer
+from maskgit_torch.tokenizer import VQVAE, upsample
+from maskgit_torch.transformer import Transformer, gelu
 from tests import helpers
 
 TOL = 1e-4
@@ -153,3 +154,26 @@ assert not bad, bad
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+def test_upsample_is_nearest_interpolation_exactly():
+  """The broadcast form of the official nearest x2 resize gives F.interpolate's values bit for bit."""
+  x = torch.randn(2, 5, 3, 4)
+  assert torch.equal(upsample(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def test_cpu_inference_gelu_is_the_official_tanh_gelu():
+  """gelu's CPU inference form x * sigmoid(2u) is the tanh GELU to float32 rounding; with autograd it is F.gelu."""
+  x = torch.linspace(-12, 12, 240001)
+  with torch.inference_mode():
+    fast = gelu(x)
+  reference = F.gelu(x, approximate="tanh")
+  xd = x.double()
+  exact = 0.5 * xd * (1 + torch.tanh(0.7978845608028654 * (xd + 0.044715 * xd ** 3)))
+  ulp = torch.finfo(torch.float32).eps * xd.abs().clamp_min(1)
+  # Measured: within 1.15 ulp of |x| of the float64 value (F.gelu: 0.9); a wrong constant or
+  # the erf GELU would be off by >= 1e-4 somewhere on [-12, 12].
+  assert ((fast.double() - exact).abs() / ulp).max() <= 2
+  assert ((reference.double() - exact).abs() / ulp).max() <= 2
+  leaf = x.clone().requires_grad_()
+  assert torch.equal(gelu(leaf), F.gelu(leaf, approximate="tanh"))  # training keeps torch's fused kernel
