@@ -9,8 +9,9 @@ All implementations decode with the same random weights (JAX init, converted to 
              guidance and no bfloat16 switch: `parity` = highest matmul precision, `default` = as released (jax's
              default precision: TF32 on Ampere/Hopper GPUs, float32 on CPUs; timed on GPUs only).
   jax/torch  our pipelines as a user calls them, `MaskGIT.generate(labels, seed)` (decode + tokens -> image + copy
-             to numpy), in `parity` (float32) and `fast` (bfloat16) precision; torch fast on a GPU adds
-             torch.compile of the transformer (--torch_compile, --torch_compile_mode).
+             to numpy), in `parity` (float32) and `fast` (bfloat16) precision.
+  torch_compiled  the torch pipeline with `torch_compile=True` (transformer, sampler step and tokenizer decoder
+             compiled by torch.compile; --torch_compile_mode for the transformer, e.g. max-autotune).
 Per row: images/s and time per batch (best of --repeats after one warm-up/compile call), tokens -> image time
 alone, peak memory (torch: max_memory_allocated on CUDA; JAX: XLA's buffer plan for the decode program, arguments +
 outputs + temporaries, on any device), analytic transformer FLOPs and the achieved rate against the device's peak,
@@ -42,13 +43,13 @@ flags.DEFINE_string("preset", None, "Config preset (default: imagenet_256 on a G
 flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes.")
 flags.DEFINE_list("steps", ["8", "12"], "Decoding steps.")
 flags.DEFINE_list("guidance", ["0", "2"], "sampler.guidance_scale values (0 = off; the official code only at 0).")
-flags.DEFINE_list("impls", ["official", "jax", "torch"], "Implementations to time.")
+flags.DEFINE_list("impls", ["official", "jax", "torch", "torch_compiled"], "Implementations to time (official, "
+                  "jax, torch, torch_compiled).")
 flags.DEFINE_list("precisions", ["parity", "fast"], "parity (float32) and/or fast (bfloat16; official: `default`).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per row (the best is reported), after one warm-up/compile call.")
 flags.DEFINE_integer("cpu_threads", 0, "CPU only: intra-op threads for torch and XLA alike (0 = their defaults).")
-flags.DEFINE_bool("torch_compile", True, "torch fast mode on CUDA: torch.compile the transformer.")
-flags.DEFINE_string("torch_compile_mode", "default", "torch.compile mode (reduce-overhead = CUDA graphs, "
-                    "max-autotune-no-cudagraphs, ...).")
+flags.DEFINE_string("torch_compile_mode", "default", "torch_compiled: torch.compile mode of the transformer "
+                    "(default, max-autotune, reduce-overhead = CUDA graphs, ...).")
 
 # Dense peaks (TFLOP/s) from the vendors' data sheets: fp32 without TF32 for parity, bf16 tensor cores for fast.
 PEAK_TFLOPS = {"H200": {"parity": 67.0, "fast": 989.0, "default": 494.0},
@@ -209,7 +210,7 @@ class JaxRunner:
     ids, noise, _ = self._decode_args(batch, num_iter)
     side = self.config.latent_size
     decode = xla_bytes(m._decode_program, m.transformer_variables, ids,  # pylint: disable=protected-access
-                       dict(noise.__dict__), type(noise), num_iter, None, with_guidance(self.config, guidance).sampler)
+                       noise, num_iter, None, with_guidance(self.config, guidance).sampler)
     image = xla_bytes(m._decode, m.tokenizer_variables,  # pylint: disable=protected-access
                       jnp.zeros((batch, side, side), jnp.int32))
     return None if decode is None or image is None else max(decode, image)
@@ -222,20 +223,19 @@ class JaxRunner:
 
 
 class TorchRunner:
-  """maskgit_torch.pipeline.MaskGIT (autocast bf16 + SDPA in fast mode; torch.compile on CUDA when asked)."""
+  """maskgit_torch.pipeline.MaskGIT (autocast bf16 + SDPA in fast mode), eager or with torch_compile."""
 
-  def __init__(self, config, variables, precision: str):
+  def __init__(self, config, variables, precision: str, compiled: bool = False):
     import torch  # pylint: disable=import-outside-toplevel
     from maskgit_common.msgpack_io import flatten  # pylint: disable=import-outside-toplevel
     from maskgit_torch import pipeline  # pylint: disable=import-outside-toplevel
     self.torch, self.config = torch, config
     modules = pipeline._modules_from_weights(  # pylint: disable=protected-access
         config, "jax", {w: flatten({"params": numpy_tree(v["params"])}) for w, v in variables.items()})
-    self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision)
+    mode = FLAGS.torch_compile_mode
+    self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision,
+                                  torch_compile=(True if mode == "default" else mode) if compiled else False)
     self.cuda = self.model.device.type == "cuda"
-    if precision == "fast" and FLAGS.torch_compile and self.cuda:
-      # Fixed shapes per row: one graph per (batch, guidance) shape, no dynamic-shape guards.
-      self.model.transformer = torch.compile(self.model.transformer, mode=FLAGS.torch_compile_mode, dynamic=False)
 
   def generate(self, batch: int, num_iter: int, guidance: float, seed: int = 0) -> np.ndarray:
     self.model.config = with_guidance(self.config, guidance)
@@ -280,7 +280,9 @@ def numpy_tree(tree):
 def make_runner(impl, precision, config, variables):
   if impl == "official":
     return OfficialRunner(config, variables)
-  return (TorchRunner if impl == "torch" else JaxRunner)(config, variables, precision)
+  if impl == "jax":
+    return JaxRunner(config, variables, precision)
+  return TorchRunner(config, variables, precision, compiled=impl == "torch_compiled")
 
 
 def set_precision(precision: str) -> None:
@@ -295,8 +297,14 @@ def fmt(value, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
+IMPLS = ("official", "jax", "torch", "torch_compiled")
+
+
 def main(argv):
   del argv
+  unknown = sorted(set(FLAGS.impls) - set(IMPLS))
+  if unknown:
+    raise app.UsageError(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
   set_cpu_threads(FLAGS.cpu_threads)
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
