@@ -232,9 +232,8 @@ class TorchRunner:
     self.torch, self.config = torch, config
     modules = pipeline._modules_from_weights(  # pylint: disable=protected-access
         config, "jax", {w: flatten({"params": numpy_tree(v["params"])}) for w, v in variables.items()})
-    mode = FLAGS.torch_compile_mode
     self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision,
-                                  torch_compile=(True if mode == "default" else mode) if compiled else False)
+                                  torch_compile=FLAGS.torch_compile_mode if compiled else False)
     self.cuda = self.model.device.type == "cuda"
 
   def generate(self, batch: int, num_iter: int, guidance: float, seed: int = 0) -> np.ndarray:

@@ -146,15 +146,19 @@ def selected_probs(logits, sampled_ids):
   return (torch.gather(e, -1, index) / e.sum(-1, keepdim=True)).squeeze(-1)
 
 
+def sample_tokens(logits, cur_ids, g_sample):
+  """Categorical samples argmax(logits + Gumbel) at unknown positions, the input elsewhere -> (ids, unknown_map)."""
+  unknown_map = cur_ids == MASK_TOKEN_ID
+  return torch.where(unknown_map, torch.argmax(g_sample + logits, dim=-1), cur_ids), unknown_map
+
+
 def decode_step(logits, cur_ids, g_sample, g_choice, raw_mask_len, temperature):
   """One official step from its logits -> (sampled_ids, mask_len, masking, next_ids).
 
   Tensors only (the raw mask length (B, 1) and the choice temperature (0-d) come from host tables made before the
   loop), so torch.compile turns it into the same small graph for every step (MaskGIT(..., torch_compile=True)).
   """
-  sampled_ids = torch.argmax(g_sample + logits, dim=-1)
-  unknown_map = cur_ids == MASK_TOKEN_ID
-  sampled_ids = torch.where(unknown_map, sampled_ids, cur_ids)
+  sampled_ids, unknown_map = sample_tokens(logits, cur_ids, g_sample)
   # Known positions (the class token among them) get +inf: never masked again.
   probs = selected_probs(logits, sampled_ids).masked_fill_(~unknown_map, float("inf"))
   mask_len = clamp_mask_len(raw_mask_len, unknown_map)
@@ -263,9 +267,7 @@ def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_conf
     if cfg.softmax_temperature != 1:
       logits = logits / softmax_temperature
     g_sample = noise.gumbel_sample(index, tuple(logits.shape), device)
-    sampled_ids = torch.argmax(g_sample + logits, dim=-1)
-    unknown_map = cur_ids == MASK_TOKEN_ID
-    sampled_ids = torch.where(unknown_map, sampled_ids, cur_ids)
+    sampled_ids, unknown_map = sample_tokens(logits, cur_ids, g_sample)
     probs = selected_probs(logits, sampled_ids)
     mask_len = clamp_mask_len(plan["mask_len"][step, unknown_at_start].unsqueeze(-1), unknown_map)
     g_choice = noise.gumbel_choice(index, tuple(probs.shape), device)
