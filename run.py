@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags, logging
 
+from maskgit_common.errors import UserError
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEMO_CHECKPOINT = os.path.join(REPO, "demo", "checkpoint")
 COMMANDS = ("sample", "edit", "train", "convert", "parity", "eval")
@@ -74,7 +76,7 @@ for _name in ("num_samples", "inception_weights", "batch_size"):  # dashed spell
   flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
-class UsageError(Exception):
+class UsageError(UserError):
   """A wrong flag or path; printed without a traceback."""
 
 
@@ -402,35 +404,10 @@ def main(argv) -> int:
   logging.set_verbosity(logging.WARNING)
   try:
     result = globals()[f"cmd_{command}"]()
-  except UsageError as e:
+  except UserError as e:  # bad input: its message names the flag, file, key or field; no traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except Exception as e:  # Known, user-facing errors carry a clear message of their own.
-    known = _user_errors()
-    if isinstance(e, known):
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    raise
   return int(result or 0)
-
-
-def _user_errors() -> tuple[type, ...]:
-  """Error types whose message is meant for the user (bad file, bad config), printed without a traceback."""
-  errors: list[type] = []
-  from configs import ConfigError
-  errors.append(ConfigError)
-  for module, name in (("maskgit_common.msgpack_io", "CheckpointFormatError"),
-                       ("conversion.convert", "ConversionError"),
-                       ("maskgit_jax.checkpoint", "CheckpointError"),
-                       ("maskgit_torch.checkpoint", "CheckpointError"),
-                       ("maskgit_common.token_cache", "TokenCacheError"),
-                       ("maskgit_common.training", "NonFiniteLossError"),
-                       ("maskgit_common.evaluate", "EvalError"),
-                       ("maskgit_torch.inception", "InceptionWeightsError"),
-                       ("maskgit_common.metrics", "MetricError")):
-    if module in sys.modules:
-      errors.append(getattr(sys.modules[module], name))
-  return tuple(errors)
 
 
 if __name__ == "__main__":

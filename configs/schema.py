@@ -12,9 +12,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import typing
 from typing import Any, Mapping, Sequence
+
+from maskgit_common import fileio
+from maskgit_common.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -22,7 +24,7 @@ SCHEMA_VERSION = 1
 OFFICIAL_SCHEDULES = ("uniform", "linear", "cosine", "log", "exp")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the dotted field."""
 
 
@@ -382,18 +384,8 @@ class MaskGITConfig:
     return cls.from_dict(json.loads(text))
 
   def save(self, path: str) -> None:
-    """Writes the JSON atomically (temp file + rename), so a crash never leaves half a config."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w") as f:
-        f.write(self.to_json() + "\n")
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    """Writes the JSON atomically (maskgit_common.fileio), so a crash never leaves half a config."""
+    fileio.atomic_write_text(path, self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str) -> "MaskGITConfig":

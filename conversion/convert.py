@@ -24,15 +24,17 @@ import torch
 
 from configs import PRESETS, ConfigError, MaskGITConfig, TokenizerConfig, TransformerConfig
 from conversion.table import Rule, param_table, to_jax, to_torch, torch_shape
+from maskgit_common import fileio
 from maskgit_common.msgpack_io import CheckpointFormatError, flatten, read_msgpack, unflatten, write_msgpack
 from maskgit_torch import checkpoint as torch_checkpoint
+from maskgit_common.errors import UserError
 
 WHICH = ("tokenizer", "transformer")
 _MSGPACK_NAMES = {"tokenizer": re.compile(r"^(tokenizer\.msgpack|tokenizer_\w+_checkpoint)$"),
                   "transformer": re.compile(r"^(transformer\.msgpack|(maskgit|transformer)_\w+_checkpoint)$")}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A checkpoint cannot be converted; the message lists every problem found."""
 
 
@@ -376,12 +378,11 @@ def _open_source(src: str, config) -> tuple[MaskGITConfig, str, dict, dict]:
   return config, layout, {which: src}, {which: flat}
 
 
-def _check_destination(dst: str, overwrite: bool) -> None:
-  if os.path.exists(dst) and not os.path.isdir(dst):
-    raise ConversionError(f"destination {dst} exists and is not a directory")
-  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-    raise ConversionError(f"destination {dst} exists and is not empty; nothing was written (choose another "
-                          f"directory, or pass overwrite=True / --overwrite to replace it)")
+def _check_destination(dst: str, overwrite: bool, src: str) -> None:
+  try:
+    fileio.check_replaceable(dst, overwrite=overwrite, protect=(src,))
+  except fileio.DestinationError as e:
+    raise ConversionError(f"{e}; nothing was written") from None
 
 
 def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool = False) -> MaskGITConfig:
@@ -394,7 +395,7 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
   """
   if to not in ("torch", "jax"):
     raise ConversionError(f"to must be 'torch' or 'jax', got {to!r}")
-  _check_destination(dst, overwrite)  # before reading anything: a refused destination costs nothing
+  _check_destination(dst, overwrite, src)  # before reading anything: a refused destination costs nothing
   try:
     config, layout, paths, loaded = _open_source(src, config)
   except (torch_checkpoint.CheckpointError, CheckpointFormatError) as e:
@@ -405,7 +406,7 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
   if errors:
     raise ConversionError("\n".join(errors))
   try:
-    with torch_checkpoint.atomic_directory(dst, overwrite) as tmp:
+    with fileio.atomic_directory(dst, overwrite=overwrite, protect=(src,)) as tmp:
       config.save(os.path.join(tmp, torch_checkpoint.CONFIG_FILE))
       for which, path in paths.items():
         # One model at a time, each source array dropped once converted: peak memory ~ one copy of the largest.
@@ -431,7 +432,7 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
         del out
       if errors:
         raise ConversionError("\n".join(errors))  # inside the block: atomic_directory removes tmp, dst untouched
-  except torch_checkpoint.CheckpointError as e:
+  except fileio.DestinationError as e:
     raise ConversionError(str(e)) from None
   return config
 

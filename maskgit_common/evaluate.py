@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
 from typing import Callable, Iterator
@@ -31,8 +30,9 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from maskgit_common import metrics
+from maskgit_common import fileio, metrics
 from maskgit_common.images import to_uint8
+from maskgit_common.errors import UserError
 
 MANIFEST_FORMAT = "maskgit-eval-samples/1"
 STATS_FORMAT = "maskgit-inception-stats/1"
@@ -42,7 +42,7 @@ RANDOM_INIT_WARNING = ("RANDOM-INIT feature extractor: these numbers are a pipel
                        "with any published FID/IS")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """A wrong path, an unreadable reference, or an output folder made with other settings; the message says which."""
 
 
@@ -67,32 +67,12 @@ class FeatureExtractor:
 
 
 # Files -----------------------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp.", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _save_npz(path: str, **arrays) -> None:
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-  _atomic_write(path, write)
+  fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _save_json(path: str, data) -> None:
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(data, f, indent=2)
-      f.write("\n")
-  _atomic_write(path, write)
+  fileio.atomic_write_json(path, data)
 
 
 def _load_npz(path: str) -> dict | None:
@@ -311,7 +291,7 @@ def _write_pngs(out_dir: str, shard: dict, first: int, num_samples: int) -> None
   for i, (image, label) in enumerate(zip(shard["images"], shard["labels"]), start=first):
     path = os.path.join(out_dir, "samples", "png", f"{i:06d}_class{int(label)}.png")
     if i < num_samples and not os.path.exists(path):
-      _atomic_write(path, lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
+      fileio.atomic_write(path, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
 
 
 def _check_manifest(out_dir: str, plan: dict) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from maskgit_common import fileio
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -50,20 +51,7 @@ def save_grid(images: np.ndarray, path: str, labels: Sequence[str] | None = None
     # swapped for a regular file): only regular files are overwritten.
     raise ValueError(f"cannot write the picture to {path}: it exists and is not a regular file")
   grid = make_grid(images, labels=labels, ncol=ncol, scale=scale)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".grid.", suffix=".png")
-  os.close(fd)
-  try:
-    grid.save(tmp, format="PNG")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a plain file's permissions
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return fileio.atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def load_image(path: str, size: int | None = None) -> np.ndarray:

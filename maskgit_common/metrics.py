@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import linalg
+from maskgit_common.errors import UserError
 
 # Elements of one block of the pairwise-distance matrix (float64): 2**25 = 256 MiB.
 _BLOCK_ELEMENTS = 2 ** 25
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
   """Inputs a metric cannot be computed from (wrong shapes, too few points, a complex matrix square root)."""
 
 

@@ -15,11 +15,13 @@ tree's own order, as flax does), streaming leaf by leaf so a large checkpoint is
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Mapping
 
 import msgpack
 import numpy as np
+
+from maskgit_common import fileio
+from maskgit_common.errors import UserError
 
 _EXT_NDARRAY = 1
 _EXT_COMPLEX = 2
@@ -29,7 +31,7 @@ _CHUNK_MARKER = "__msgpack_chunked_array__"
 _MAX_CHUNK_SIZE = 2 ** 30
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
   """A checkpoint file is missing, truncated or not a flax msgpack container; the message names the file."""
 
 
@@ -166,24 +168,13 @@ def _write_node(f, packer: msgpack.Packer, node) -> None:
 def write_msgpack(path: str, tree: Mapping[str, Any]) -> None:
   """Writes `tree` exactly as `flax.serialization.to_bytes(tree)` would, atomically (temp file + os.replace)."""
   state = _state_dict(tree)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      # flax: msgpack.packb(tree, default=_msgpack_ext_pack, strict_types=True) (use_bin_type is the default).
-      packer = msgpack.Packer(default=_ext_pack, strict_types=True, use_bin_type=True, autoreset=True)
-      _write_node(f, packer, state)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give the permissions of a plain open()
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+
+  def write(f):
+    # flax: msgpack.packb(tree, default=_msgpack_ext_pack, strict_types=True) (use_bin_type is the default).
+    packer = msgpack.Packer(default=_ext_pack, strict_types=True, use_bin_type=True, autoreset=True)
+    _write_node(f, packer, state)
+
+  fileio.atomic_write(path, write)
 
 
 # Flat paths ------------------------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Callable
 
 import numpy as np
 
 from maskgit_common import data as data_lib
+from maskgit_common import fileio
+from maskgit_common.errors import UserError
 
 FORMAT = "maskgit-token-cache"
 VERSION = 1
@@ -31,7 +32,7 @@ VERSION = 1
 _TRAINING_ONLY_FIELDS = ("commitment_cost", "entropy_loss_ratio", "entropy_temperature", "entropy_loss_type")
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(UserError, ValueError):
   """A token cache is missing, malformed, or was built for another tokenizer."""
 
 
@@ -171,9 +172,6 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
     raise TokenCacheError(f"{path} already exists; open it with TokenCache or delete it to rebuild")
   h, k = config.latent_size, config.codebook_size
   code_dtype = np.int16 if k <= np.iinfo(np.int16).max else np.int32
-  tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   shards, buf = [], {"codes": [], "flipped": [], "labels": []}
 
   def flush():
@@ -191,7 +189,8 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
     for v in buf.values():
       v.clear()
 
-  try:
+  # Atomic (fileio): the cache appears whole or not at all; a killed build's leftover is removed by the next one.
+  with fileio.atomic_directory(path) as tmp:
     batches = data_lib.iterate_images(dataset, batch_size, num_workers=num_workers)
     if progress:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -223,7 +222,4 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
     }
     with open(os.path.join(tmp, "index.json"), "w") as f:
       json.dump(index, f, indent=1)
-    os.replace(tmp, path)  # atomic: the cache appears whole or not at all
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return TokenCache(path, config, tokenizer_weights_hash)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from maskgit_common import masking
+from maskgit_common import fileio, masking
+from maskgit_common.errors import UserError
 
 CHECKPOINT_PREFIX = "ckpt_"
 MANIFEST = "manifest.json"
@@ -32,7 +32,7 @@ EXPORT_DIR = "export"  # <workdir>/export: the portable checkpoint directory (DE
 STREAM_DATA_ORDER, STREAM_MASKS, STREAM_DROPOUT = 0, 1, 2
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The training loss became NaN or inf."""
 
 
@@ -120,41 +120,14 @@ def shard(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.
 
 # Checkpoint directories ----------------------------------------------------------------------------------------
 def publish_dir(final: str, write_files: Callable[[str], None]) -> str:
-  """Writes a directory through `write_files(tmp)` beside `final`, then swaps it in (old copy removed after)."""
-  final = os.path.abspath(final)
-  parent, base = os.path.dirname(final), os.path.basename(final)
-  os.makedirs(parent, exist_ok=True)
-  tmp, old = os.path.join(parent, f".{base}.tmp-{os.getpid()}"), os.path.join(parent, f".{base}.old-{os.getpid()}")
-  for leftover in (tmp, old):
-    shutil.rmtree(leftover, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  """Writes a directory through `write_files(tmp)` beside `final`, then swaps it in (fileio.atomic_directory; an
+  existing `final` is replaced only when this project wrote it)."""
+  with fileio.atomic_directory(final, overwrite=True) as tmp:
     write_files(tmp)
-    if os.path.exists(final):
-      os.rename(final, old)
-    os.rename(tmp, final)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-  return final
+  return os.path.abspath(final)
 
 
-def _files_below(root: str) -> list[str]:
-  """Every file under `root` (recursively, e.g. an orbax directory), as sorted '/'-joined relative paths."""
-  out = []
-  for dirpath, _, filenames in os.walk(root):
-    rel = os.path.relpath(dirpath, root)
-    out += [f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in filenames]
-  return sorted(out)
-
-
-def sha256_file(path: str) -> str:
-  """Hex SHA-256 of a file, read in blocks (checkpoint manifests, weight files, benchmark byte-identity)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
+sha256_file = fileio.sha256_file  # one definition (fileio); re-exported for the trainers' callers
 
 
 class CheckpointDir:
@@ -183,27 +156,10 @@ class CheckpointDir:
   def save(self, step: int, write_files: Callable[[str], None], meta: dict) -> str:
     """`write_files(tmp_dir)` writes the state files; they are hashed, manifested and published atomically."""
     final = self.path(step)
-    tmp = os.path.join(self.root, f".tmp_{CHECKPOINT_PREFIX}{step:09d}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    # Re-saving a step (e.g. after a fallback restore) replaces it.
+    with fileio.atomic_directory(final, overwrite=True, meta={"step": step, "time": time.time(),
+                                                              "host": socket.gethostname(), **meta}) as tmp:
       write_files(tmp)
-      files = {}
-      for name in _files_below(tmp):
-        p = os.path.join(tmp, name)
-        with open(p, "rb") as f:
-          os.fsync(f.fileno())
-        files[name] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
-      manifest = {"step": step, "time": time.time(), "host": socket.gethostname(), "files": files, "meta": meta}
-      with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-      if os.path.exists(final):  # re-saving a step (e.g. after a fallback restore): replace it
-        shutil.rmtree(final)
-      os.replace(tmp, final)
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
     self._prune(keep_step=step)
     return final
 
@@ -211,28 +167,11 @@ class CheckpointDir:
     steps = [s for s in self.steps() if s != keep_step]
     for s in steps[:max(0, len(steps) - (self.keep - 1))]:
       shutil.rmtree(self.path(s), ignore_errors=True)
-    for name in os.listdir(self.root):  # temporary directories left by killed runs
-      if name.startswith(".tmp_") and not name.endswith(f"_{os.getpid()}"):
-        shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+    fileio.remove_stale_temporaries(self.root, any_name=True)  # left by killed runs
 
   def verify(self, step: int) -> tuple[bool, str, dict]:
-    """(ok, reason, manifest) for checkpoint `step`."""
-    path = self.path(step)
-    try:
-      with open(os.path.join(path, MANIFEST)) as f:
-        manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      return False, f"unreadable manifest ({e})", {}
-    files = manifest.get("files")
-    if not files:
-      return False, "manifest lists no files", manifest
-    for name, info in files.items():
-      p = os.path.join(path, *name.split("/"))
-      if not os.path.isfile(p):
-        return False, f"missing file {name}", manifest
-      if os.path.getsize(p) != info["bytes"] or sha256_file(p) != info["sha256"]:
-        return False, f"checksum mismatch in {name}", manifest
-    return True, "", manifest
+    """(ok, reason, manifest) for checkpoint `step`; the manifest's `meta` holds what `save` was given."""
+    return fileio.verify_directory(self.path(step))
 
   def latest(self) -> tuple[int, str, dict] | None:
     """(step, path, manifest) of the newest checkpoint that verifies, or None; warns about every corrupt one."""
@@ -306,10 +245,7 @@ def truncate_jsonl(path: str, after_step: int) -> None:
           keep.append(line)
       except json.JSONDecodeError:
         pass  # a line cut short by a kill
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, "".join(keep))
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -7,7 +7,6 @@ safetensors through the conversion table (numpy only: this module never imports 
 """
 
 import os
-import tempfile
 from typing import Any, Mapping
 
 import flax.serialization
@@ -17,14 +16,15 @@ import numpy as np
 
 from configs import PRESETS, ConfigError, MaskGITConfig
 from conversion import table
-from maskgit_common import msgpack_io
+from maskgit_common import fileio, msgpack_io
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
+from maskgit_common.errors import UserError
 
 MODELS = ("tokenizer", "transformer")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint file is missing, unreadable, or does not hold the expected parameter tree."""
 
 
@@ -99,20 +99,7 @@ def load_msgpack_params(path: str, expected=None, *, expected_tree=None) -> dict
 
 def save_msgpack_params(path: str, variables) -> None:
   """Writes flax `to_bytes(variables)` atomically (temp file in the same directory + os.replace)."""
-  data = flax.serialization.to_bytes(variables)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.atomic_write(path, flax.serialization.to_bytes(variables))
 
 
 def _model_and_input(config: MaskGITConfig, which: str):

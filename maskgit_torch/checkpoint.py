@@ -7,10 +7,7 @@ directory is only replaced when `overwrite=True`. Official msgpack checkpoints a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from typing import Mapping
 
 import safetensors
@@ -19,60 +16,18 @@ import torch
 from torch import nn
 
 from configs import ConfigError, MaskGITConfig
+from maskgit_common import fileio
 from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
+from maskgit_common.errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"tokenizer": "tokenizer.safetensors", "transformer": "transformer.safetensors"}
 _MODULES = {"tokenizer": VQVAE, "transformer": Transformer}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint directory or file is missing, malformed, or does not match its config; the message says which."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str, overwrite: bool = False):
-  """Yields a temporary directory beside `path`; on success it replaces `path`, on error it is removed.
-
-  An existing non-empty `path` is refused unless `overwrite`; then it is moved aside and deleted only after the new
-  directory is in place, so nothing is lost if anything fails.
-  """
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise CheckpointError(f"destination {path} exists and is not a directory")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise CheckpointError(f"destination {path} exists and is not empty; choose another directory or pass "
-                          f"overwrite=True")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it the permissions a plain mkdir would
-  try:
-    yield tmp
-    for name in os.listdir(tmp):  # files written through mkstemp (atomic writers) are private; make them ordinary
-      if os.path.isfile(os.path.join(tmp, name)):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    backup = None
-    if os.path.isdir(path):
-      if os.listdir(path):
-        backup = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-        os.rename(path, os.path.join(backup, "old"))
-      else:
-        os.rmdir(path)
-    try:
-      os.rename(tmp, path)
-    except BaseException:
-      if backup is not None:
-        os.rename(os.path.join(backup, "old"), path)
-      raise
-    if backup is not None:
-      shutil.rmtree(backup, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _state_dict_of(module_or_state) -> dict:
@@ -124,7 +79,7 @@ def save_checkpoint_dir(directory: str, config: MaskGITConfig, tokenizer=None, t
     raise CheckpointError("save_checkpoint_dir needs a tokenizer, a transformer, or both")
   for which, state in models.items():
     check_state_dict(config, which, state)
-  with atomic_directory(directory, overwrite) as tmp:
+  with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
     config.save(os.path.join(tmp, CONFIG_FILE))
     for which, state in models.items():
       write_state_dict(os.path.join(tmp, WEIGHT_FILES[which]), state, which)

@@ -34,6 +34,7 @@ from torch import nn
 
 from maskgit_common.evaluate import FeatureExtractor
 from maskgit_common.training import sha256_file  # pylint: disable=unused-import (public here too)
+from maskgit_common.errors import UserError
 
 # sha256 of accepted weight files. pytorch-fid's release file; torch-fidelity ships the same bytes under the name
 # weights-inception-2015-12-05-6726825d.pth (the "6726825d" in both names is this hash's prefix).
@@ -48,7 +49,7 @@ FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError, ValueError):
   """The Inception weights file is missing, unknown (hash mismatch) or does not fit the architecture."""
 
 

@@ -8,9 +8,10 @@ import json
 import os
 
 import numpy as np
+from maskgit_common.errors import UserError
 
 
-class GoldenDirError(ValueError):
+class GoldenDirError(UserError, ValueError):
   """The --golden directory is missing or holds no case."""
 
 

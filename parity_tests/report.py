@@ -5,7 +5,8 @@ import json
 import os
 import platform
 import sys
-import tempfile
+
+from maskgit_common import fileio
 
 # Read from the installed distributions, so recording a version never imports jax or torch.
 _PACKAGES = ("numpy", "jax", "jaxlib", "flax", "torch", "msgpack", "safetensors", "maskgit")
@@ -23,19 +24,8 @@ def versions():
 
 
 def write_report(report, path):
-  """Writes the JSON atomically (temp file + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".parity.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(report, f, indent=2, allow_nan=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes the JSON atomically (maskgit_common.fileio)."""
+  fileio.atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def _num(value):

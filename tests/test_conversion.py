@@ -150,7 +150,7 @@ def test_cli_convert_both_directions(tmp_path):
   torch_dir, jax_dir, direct_dir = tmp_path / "torch", tmp_path / "jax", tmp_path / "direct"
   out = _run_convert("--src", case_dir, "--dst", str(torch_dir), "--to", "torch")
   assert str(torch_dir) in out.stdout or "wrote" in out.stdout
-  assert sorted(os.listdir(torch_dir)) == ["config.json", "tokenizer.safetensors", "transformer.safetensors"]
+  assert sorted(os.listdir(torch_dir)) == ["config.json", "manifest.json", "tokenizer.safetensors", "transformer.safetensors"]
   _run_convert("--src", str(torch_dir), "--dst", str(jax_dir), "--to", "jax")
   _run_convert("--src", case_dir, "--dst", str(direct_dir), "--to", "jax")
   for which in WHICH:
@@ -366,7 +366,7 @@ def test_existing_destination_refused_without_overwrite(tmp_path, existing_dst):
   _assert_untouched(dst, snapshot)
   # With overwrite the old content is replaced, completely (no stale files).
   convert(CASES[0], str(dst), to="torch", overwrite=True)
-  assert sorted(os.listdir(dst)) == ["config.json", "tokenizer.safetensors", "transformer.safetensors"]
+  assert sorted(os.listdir(dst)) == ["config.json", "manifest.json", "tokenizer.safetensors", "transformer.safetensors"]
   assert (dst / "config.json").read_text() != '{"keep": "me"}'
 
 
