@@ -17,6 +17,7 @@ import numpy as np
 from configs import MaskGITConfig
 from maskgit_common import editing
 from maskgit_jax import checkpoint, sampler
+from maskgit_jax import device as device_lib
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 
@@ -30,14 +31,15 @@ class MaskGIT:
                precision: str = "parity"):
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    del device  # JAX places arrays on its default backend (set JAX_PLATFORMS to choose)
+    # The weights are committed to the resolved device, so every computation on them runs there (or DeviceError).
+    self.device = device_lib.resolve(device)
     self.config = config
     self.precision = precision
     # Master weights stay float32; "fast" computes in bfloat16 (flax modules' dtype), norms' statistics in float32.
     dtype = jnp.bfloat16 if precision == "fast" else jnp.float32
-    self.tokenizer_variables = jax.device_put(tokenizer_variables)
-    self.transformer_variables = (jax.device_put(transformer_variables) if transformer_variables is not None
-                                  else None)
+    self.tokenizer_variables = jax.device_put(tokenizer_variables, self.device)
+    self.transformer_variables = (jax.device_put(transformer_variables, self.device)
+                                  if transformer_variables is not None else None)
     tokenizer, transformer = VQVAE(config, dtype=dtype), Transformer(config, dtype=dtype)
     k = config.codebook_size
     self._logits = jax.jit(lambda v, ids: transformer.apply(v, ids)[..., :k].astype(jnp.float32))

@@ -35,6 +35,7 @@ from torch import nn
 from maskgit_common.evaluate import FeatureExtractor
 from maskgit_common.training import sha256_file  # pylint: disable=unused-import (public here too)
 from maskgit_common.errors import UserError
+from maskgit_torch import device as device_lib
 
 # sha256 of accepted weight files. pytorch-fid's release file; torch-fidelity ships the same bytes under the name
 # weights-inception-2015-12-05-6726825d.pth (the "6726825d" in both names is this hash's prefix).
@@ -290,9 +291,7 @@ def random_inception(seed: int = 0, device="cpu") -> FIDInceptionV3:
 
 # Extractor -------------------------------------------------------------------------------------------------------
 def resolve_device(device="auto") -> torch.device:
-  if device in (None, "auto"):
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  return torch.device(device)
+  return device_lib.resolve("auto" if device is None else device)
 
 
 @contextlib.contextmanager

@@ -18,30 +18,11 @@ import torch
 from configs import MaskGITConfig
 from maskgit_common import editing
 from maskgit_torch import checkpoint, sampler
+from maskgit_torch import device as device_lib
 from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
 PRECISIONS = ("parity", "fast")
-
-
-def _native_cpu_bfloat16() -> bool:
-  """Whether this CPU has bfloat16 arithmetic (oneDNN uses AVX512-BF16 or AMX); otherwise it is emulated."""
-  try:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # pylint: disable=protected-access
-  except (AttributeError, RuntimeError):  # a build without oneDNN
-    return False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-  if str(device) == "auto":
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  try:
-    device = torch.device(device)
-  except RuntimeError as e:
-    raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
-  if device.type == "cuda" and not torch.cuda.is_available():
-    raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
-  return device
 
 
 def _modules_from_weights(config: MaskGITConfig, layout: str, weights: dict) -> dict:
@@ -65,9 +46,9 @@ class MaskGIT:
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     self.config = config
-    self.device = resolve_device(device)
+    self.device = device_lib.resolve(device)
     self.precision = precision
-    if precision == "fast" and self.device.type == "cpu" and not _native_cpu_bfloat16():
+    if precision == "fast" and self.device.type == "cpu" and not device_lib.native_cpu_bfloat16():
       warnings.warn("precision 'fast' (bfloat16) on this CPU is emulated (no AVX512-BF16 / AMX): measured 7-25x "
                     "slower than 'parity' here (benchmarks/RESULTS.md); use parity, optionally with torch_compile")
     # Master weights stay float32; "fast" runs the matmuls under bfloat16 autocast (norm statistics in float32).

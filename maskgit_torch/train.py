@@ -43,6 +43,7 @@ from configs import MaskGITConfig
 from maskgit_common import data as data_lib
 from maskgit_common import token_cache as token_cache_lib
 from maskgit_common import training
+from maskgit_torch import device as device_lib
 from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
@@ -254,14 +255,6 @@ def export(workdir: str, config: MaskGITConfig, model, ema: EMA | None, tokenize
   return out
 
 
-def _device(device: str) -> torch.device:
-  if device == "auto":
-    if torch.cuda.is_available():
-      return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-  return torch.device(device)
-
-
 def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, init_state_dict=None,
           stop_after: int | None = None, num_synthetic: int = data_lib.SYNTHETIC_NUM_EXAMPLES,
           progress: bool = True, device: str = "auto") -> dict:
@@ -281,7 +274,7 @@ def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, 
   train_cfg = config.train
   world = int(os.environ.get("WORLD_SIZE", "1"))
   owns_group = False
-  dev = _device(device)
+  dev = device_lib.resolve(device)
   if world > 1 and not dist.is_initialized():
     if dev.type == "cuda":
       torch.cuda.set_device(dev)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskgit_jax import device as device_lib
 from parity_tests.checks import DECODE_FIELDS
 
 NAME = "jax"
@@ -48,16 +49,6 @@ def _jitted(what, config):
   return _JITTED[key]
 
 
-def _resolve_device(device):
-  if device == "auto":
-    return jax.devices()[0]  # jax's default backend
-  platform = {"cuda": "gpu"}.get(device, device)
-  try:
-    return jax.devices(platform)[0]
-  except RuntimeError as e:
-    raise RuntimeError(f"--device {device}: jax has no {platform} device ({e})") from None
-
-
 class Session:
   """Parity precision and the device for every JAX check; restores the previous settings on exit."""
   name = NAME
@@ -65,7 +56,7 @@ class Session:
   def __init__(self, device="auto", precision="parity"):
     if precision != "parity":
       raise ValueError(f"precision {precision!r}: the parity tolerances are defined for 'parity' only")
-    self.device = _resolve_device(device)
+    self.device = device_lib.resolve(device)
     self.description = f"{self.device.platform}:{self.device.id} ({self.device.device_kind})"
 
   def __enter__(self):

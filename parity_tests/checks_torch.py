@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from maskgit_common import msgpack_io
+from maskgit_torch import device as device_lib
 from parity_tests.case import result
 from parity_tests.checks import DECODE_FIELDS
 
@@ -26,18 +27,6 @@ def _module(name):
   return importlib.import_module(name)
 
 
-def _resolve_device(device):
-  if device == "auto":
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  if device in ("gpu", "cuda"):
-    if not torch.cuda.is_available():
-      raise RuntimeError(f"--device {device}: torch.cuda.is_available() is False")
-    return torch.device("cuda")
-  if device == "tpu":
-    raise RuntimeError("--device tpu: torch on TPU is out of scope (DESIGN §3); run --backend jax on TPU")
-  return torch.device("cpu")
-
-
 class Session:
   """Parity precision (TF32 off) and the device for every torch check; restores the previous settings on exit."""
   name = NAME
@@ -45,7 +34,7 @@ class Session:
   def __init__(self, device="auto", precision="parity"):
     if precision != "parity":
       raise ValueError(f"precision {precision!r}: the parity tolerances are defined for 'parity' only")
-    self.device = _resolve_device(device)
+    self.device = device_lib.resolve(device)
     self.description = str(self.device)
     if self.device.type == "cuda":
       self.description += f" ({torch.cuda.get_device_name(self.device)})"

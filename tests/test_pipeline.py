@@ -202,7 +202,7 @@ def test_torch_compile_gives_the_eager_tokens(checkpoints):
 
 def test_fast_precision_on_a_cpu_without_bfloat16_warns(checkpoints, monkeypatch):
   for native, expect_warning in ((False, True), (True, False)):
-    monkeypatch.setattr(torch_pipeline, "_native_cpu_bfloat16", lambda native=native: native)
+    monkeypatch.setattr(torch_pipeline.device_lib, "native_cpu_bfloat16", lambda native=native: native)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       torch_pipeline.MaskGIT.from_checkpoint(checkpoints[1], device="cpu", precision="fast")
