@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import device as device_lib
+from parity_tests import intermediates
 from parity_tests.checks import DECODE_FIELDS
 
 NAME = "jax"
@@ -127,11 +128,10 @@ class JaxCase:
     return np.asarray(_jitted("transformer", self.case.config)(self.variables("transformer"), jnp.asarray(ids)))
 
   def intermediates(self, ids):
-    transformer = _module("transformer")
-    model = transformer.Transformer(self.case.config)
+    model = _module("transformer").Transformer(self.case.config)
     _, state = model.apply(self.variables("transformer"), jnp.asarray(ids), deterministic=True,
                            capture_intermediates=True, mutable=["intermediates"])
-    return {k: np.asarray(v) for k, v in transformer.flatten_intermediates(state).items()}
+    return {k: np.asarray(v) for k, v in intermediates.flatten_flax(state).items()}
 
   def schedule(self, ratio, total_unknown, method):
     return np.asarray(_module("sampler").schedule(jnp.asarray(ratio), jnp.asarray(total_unknown), method))

@@ -14,6 +14,7 @@ import torch
 
 from maskgit_common import msgpack_io
 from maskgit_torch import device as device_lib
+from parity_tests import intermediates
 from parity_tests.case import result
 from parity_tests.checks import DECODE_FIELDS
 
@@ -107,7 +108,9 @@ class TorchCase:
 
   @torch.inference_mode()
   def intermediates(self, ids):
-    _, record = self.model("transformer")(self._tensor(ids, integer=True), return_intermediates=True)
+    model, ids = self.model("transformer"), self._tensor(ids, integer=True)
+    rules = _module("conversion.table").param_table(self.case.config, "transformer")
+    _, record = intermediates.capture_torch(model, rules, lambda: model(ids))
     return {k: self._numpy(v) for k, v in record.items()}
 
   @torch.inference_mode()
@@ -158,6 +161,9 @@ def conversion_roundtrip(case):
       notes.append(f"{which}: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                    f"{len(bad)} not bit-identical {bad[:3]}")
   return result(passed, max_diff, 0, "; ".join(notes))
+
+
+CHECKS = {("official", "conversion.roundtrip"): lambda b, case: conversion_roundtrip(case)}
 
 
 def _bit_identical(a, b):

@@ -12,6 +12,7 @@ logits, well separated codebook rows).
 import functools
 import importlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,17 +49,19 @@ def flat_tree(tree) -> dict:
   return {"/".join(k.key for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
 
 
-def max_abs(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(a - b)))
-
-
 def _assert_same_tree_and_values(official, ours):
-  assert flat_tree(ours) == flat_tree(official)  # paths, shapes, dtypes
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(official)[0], jax.tree_util.tree_leaves(ours)):
-    # Same initializers and the same per-module RNG streams: the initial values are identical too.
-    assert np.array_equal(np.asarray(a), np.asarray(b)), f"initial value differs at {path}"
+  assert flat_tree(ours) == flat_tree(official)  # paths, shapes, dtypes (a readable diff on failure)
+  chex.assert_trees_all_equal_shapes_and_dtypes(ours, official)
+  # Same initializers and the same per-module RNG streams: the initial values are identical too.
+  chex.assert_trees_all_equal(ours, official, strict=True)
+
+
+def _assert_close(ours, official, what):
+  """|ours - official| <= TOL everywhere (DESIGN §3), compared in float64; NaN never counts as close."""
+  chex.assert_tree_all_finite(ours)
+  chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), ours),
+                              jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), official),
+                              atol=TOL, rtol=0, custom_message=what)
 
 
 def _random_ids(config, seed, batch=3, known=0.5):
@@ -94,9 +97,8 @@ def test_transformer_tree_and_logits(seed):
   for name, variables in (("official init", official_vars),
                           ("random weights", random_params(config, "transformer", seed))):
     expected, got = apply_official(variables, ids), apply_ours(variables, ids)
-    assert got.shape == (ids.shape[0], config.seq_len, config.vocab_size)
-    diff = max_abs(got, expected)
-    assert diff <= TOL, f"{name}: logits max abs diff {diff} ({config.transformer})"
+    chex.assert_shape(got, (ids.shape[0], config.seq_len, config.vocab_size))
+    _assert_close(got, expected, f"{name}: logits ({config.transformer})")
 
 
 # Tokenizer ----------------------------------------------------------------------------------------------------
@@ -123,11 +125,11 @@ def test_tokenizer_tree_and_outputs(seed):
                                                                                                seed))):
     (q_official, r_official), (q_ours, r_ours) = encode_official(variables, images), encode_ours(variables, images)
     codes = np.asarray(r_official["encoding_indices"])
-    assert np.array_equal(np.asarray(r_ours["encoding_indices"]), codes), f"{name}: codes differ"
+    chex.assert_trees_all_equal(r_ours["encoding_indices"], codes, strict=True,
+                                custom_message=f"{name}: codes differ")
     for what, a, b in (("latents", r_ours["raw"], r_official["raw"]), ("quantized", q_ours, q_official),
                        ("reconstructions", decode_ours(variables, codes), decode_official(variables, codes))):
-      diff = max_abs(a, b)
-      assert diff <= TOL, f"{name}: {what} max abs diff {diff} ({config.tokenizer})"
+      _assert_close(a, b, f"{name}: {what} ({config.tokenizer})")
 
 
 # Schedules ----------------------------------------------------------------------------------------------------
