@@ -13,6 +13,8 @@ import zlib
 import numpy as np
 from maskgit_common.errors import UserError
 
+from parity_tests import plan
+
 
 class GoldenDirError(UserError, ValueError):
   """The --golden directory is missing or holds no case."""
@@ -24,7 +26,6 @@ class CaseFileError(UserError, ValueError):
 
 def find_cases(golden):
   """Case directories under `golden`: itself if it holds config.json, else its subdirectories that do."""
-  from parity_tests import plan  # pylint: disable=import-outside-toplevel (plan imports this module)
   if not golden or not os.path.isdir(golden):
     raise GoldenDirError(f"golden directory {golden!r} does not exist (or is not a directory)")
   if os.path.isfile(os.path.join(golden, "config.json")):
@@ -138,7 +139,8 @@ class Case:
 
 # Results -------------------------------------------------------------------------------------------------------
 def result(passed, max_abs_diff=None, tolerance=None, detail=""):
-  """One check's entry in the report (DESIGN §4). Non-finite diffs become null: JSON has no NaN/inf."""
+  """One check's entry in the report (docs/ARCHITECTURE.md, 'Parity runner and report'). Non-finite diffs become
+  null: JSON has no NaN/inf."""
   if max_abs_diff is not None:
     max_abs_diff = float(max_abs_diff)
     if not np.isfinite(max_abs_diff):

@@ -1,4 +1,5 @@
-"""The parity checks of one golden case, written once for both backends (DESIGN §3).
+"""The parity checks of one golden case, written once for both backends (docs/ARCHITECTURE.md, 'Parity
+targets').
 
 Which checks a case must yield, and the files each reads, is parity_tests/plan.py; the implementations are
 registered in `CHECKS` below. Each check takes a backend adapter (`checks_jax.JaxCase` or
@@ -22,7 +23,8 @@ registered in `CHECKS` below. Each check takes a backend adapter (`checks_jax.Ja
   `RecordedNoise(step_gumbel_sample, step_gumbel_choice)` from decode.npz: `final_seqs` and every step's input
   ids, samples, mask length, masking and state after the step are identical. JAX also decodes from
   `PRNGNoise(rng_key)` (the official key splitting) and must give the same `final_seqs`, when the installed jax
-  draws the same bits as the fixture's jax (else the detail says "not applicable", DESIGN §6).
+  draws the same bits as the fixture's jax (else the detail says "not applicable"; docs/ARCHITECTURE.md,
+  'Official facts').
 - `edit.tokens`: likewise from edit.npz (start_iter from the npz), for every case that declares an edit
   (parity_tests/plan.py: its config names `decode.edit_start_iter`, or it holds edit.npz).
 - `conversion.roundtrip` (torch runs; `checks_torch.conversion_roundtrip`): official msgpack -> torch state_dict

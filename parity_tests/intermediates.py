@@ -12,8 +12,9 @@ The models' `forward` / `__call__` are only the maths; the intermediates are tak
 The official layout of an output follows from the table's transforms (the same ones the weights go through):
 a module whose kernel is `qkv_kernel` (flax (D, heads, head_dim)) outputs (..., heads, head_dim) where torch's
 Linear gives (..., heads * head_dim); a module inside a conv stack (a top-level submodule holding a `conv` kernel:
-the tokenizer's encoder and decoder) outputs NHWC where torch gives NCHW. The model's own output (key "output") is at the public API boundary and is never changed. A module
-called more than once keeps its first output, as `flatten_flax` takes the first call's.
+the tokenizer's encoder and decoder) outputs NHWC where torch gives NCHW. The model's own output (key "output")
+is at the public API boundary and is never changed. A module called more than once keeps its first output, as
+`flatten_flax` takes the first call's.
 
 Framework-free: the torch side only calls methods of the module and tensors it is given.
 """

@@ -26,7 +26,7 @@ PER_BACKEND = ("jax", "torch")
 
 @dataclasses.dataclass(frozen=True)
 class PlannedCheck:
-  """One check a case must yield. `name` is the report name without the backend prefix (DESIGN names:
+  """One check a case must yield. `name` is the report name without the backend prefix (docs/ARCHITECTURE.md names:
   "tokenizer.codes", "sample.default.tokens", ...); `kind` selects the implementation ("sample.tokens")."""
   name: str
   kind: str

@@ -1,4 +1,5 @@
-"""The parity report: package versions, the JSON file (DESIGN §4) and the table printed to stdout."""
+"""The parity report: package versions, the JSON file (docs/ARCHITECTURE.md, 'Parity runner and report') and the
+table printed to stdout."""
 
 import importlib.metadata
 import json

@@ -5,9 +5,9 @@
 DIR is one case directory (it holds config.json) or a directory of them (searched one level deep), in the fixture
 format of parity_tests/data/FORMAT.md (or the seed fixtures' FORMAT.md). Each case yields every check its
 format declares (parity_tests/plan.py): a missing input file fails the checks that read it, naming the file, and a
-declared check this version does not implement is reported as NOT YET (failed). The report is DESIGN §4's JSON; a
-table goes to stdout. Exit status 0 iff every check passed, 1 if any failed, 2 for a usage error (e.g. a missing
-DIR, or one that holds no case).
+declared check this version does not implement is reported as NOT YET (failed). The report is the JSON of
+docs/ARCHITECTURE.md ('Parity runner and report'); a table goes to stdout. Exit status 0 iff every check passed, 1
+if any failed, 2 for a usage error (e.g. a missing DIR, or one that holds no case).
 
 jax and torch are imported only for their own checks, so `--backend torch` runs without jax installed. A check
 that raises is recorded as failed with the exception, and the run goes on.
@@ -24,7 +24,7 @@ from parity_tests.report import format_table, print_progress, versions, write_re
 
 BACKENDS = ("jax", "torch", "both")
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")
-PRECISIONS = ("parity",)  # the DESIGN §3 tolerances are defined for float32 parity mode only
+PRECISIONS = ("parity",)  # the tolerances (docs/ARCHITECTURE.md, 'Parity targets') hold for float32 parity only
 
 
 def _failure(e):
@@ -35,7 +35,8 @@ def _failure(e):
 
 
 def check_names(backend, case):
-  """The checks a backend reports on a case (DESIGN §4 names), as the case's format declares them."""
+  """The checks a backend reports on a case, as the case's format declares them (docs/ARCHITECTURE.md, 'Parity
+  runner and report')."""
   return [c.report_name(backend) for c in plan.planned_checks(case, backend)]
 
 
@@ -94,8 +95,9 @@ def _raise(e):
 def run_parity(golden, backend, report_path=None, device="auto", precision="parity", verbose=False):
   """Runs the parity checks of `backend` ("jax", "torch" or "both") on every case in `golden`.
 
-  Returns the report dict (DESIGN §4) and writes it as JSON to `report_path` if given. Raises GoldenDirError
-  (a ValueError) if `golden` is missing or holds no case, ValueError for an unknown backend/device/precision.
+  Returns the report dict (docs/ARCHITECTURE.md, 'Parity runner and report') and writes it as JSON to
+  `report_path` if given. Raises GoldenDirError (a ValueError) if `golden` is missing or holds no case, ValueError
+  for an unknown backend/device/precision.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -127,7 +129,8 @@ def run_parity(golden, backend, report_path=None, device="auto", precision="pari
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m parity_tests",
-      description="MaskGIT parity checks against golden fixtures of the official code (DESIGN §3, §4).")
+      description="MaskGIT parity checks against golden fixtures of the official code "
+                  "(docs/ARCHITECTURE.md, 'Parity targets' and 'Parity runner and report').")
   parser.add_argument("--golden", required=True, help="a case directory, or a directory of case directories")
   parser.add_argument("--backend", required=True, choices=BACKENDS)
   parser.add_argument("--report", default=None, help="write the JSON report here")

@@ -1,7 +1,8 @@
 """maskgit_jax tokenizer, transformer and checkpoint loader against every golden case (and the live official code).
 
 Every float check has two parts:
-  * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5 (DESIGN §3);
+  * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5
+    (docs/ARCHITECTURE.md, 'Parity targets');
   * ours vs the recorded fixture: max abs <= 1e-5, or, where the official code itself is further than that from
     the recording on this machine, no further from it than the official is. Why: XLA:CPU's float32 convolutions
     and reductions depend on the CPU's vector ISA. The official tokenizer's reconstructions move by up to 1.5e-5
@@ -32,7 +33,7 @@ from parity_tests import oracle
 from parity_tests.intermediates import flatten_flax
 from tests.helpers import golden_cases, golden_config
 
-TOL = 1e-5  # DESIGN §3: JAX vs official latents, reconstructions, logits
+TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets': JAX vs official latents, reconstructions, logits
 CASES = golden_cases()
 IDS = [os.path.basename(c) for c in CASES]
 TREES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_official_param_trees.txt")

@@ -3,7 +3,8 @@
 Random small configs (tests/test_conversion.random_config) are built with the OFFICIAL modules
 (maskgit.nets.maskgit_transformer.Transformer, maskgit.nets.vqgan_tokenizer.VQVAE, through parity_tests/oracle.py's
 runtime shims) and with ours, and compared: parameter trees (paths, shapes, dtypes, and the initial values from the
-same key), outputs at DESIGN §3 tolerances (logits, latents, reconstructions <= 1e-5; codes identical), decoding
+same key), outputs at the tolerances of docs/ARCHITECTURE.md ('Parity targets': logits, latents, reconstructions
+<= 1e-5; codes identical), decoding
 trajectories from the same key (`maskgit.libml.parallel_decode.decode` vs `maskgit_jax.sampler.decode`), and every
 mask schedule bit for bit. Weights: the official initialisation, and `random_params` (larger weights: peaked
 logits, well separated codebook rows).
@@ -28,7 +29,7 @@ from tests.test_conversion import random_config, random_params
 _REASON = oracle.official_skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"live oracle unavailable: {_REASON}")
 
-TOL = 1e-5  # DESIGN §3, JAX vs official
+TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets', JAX vs official
 # Every official method (mask_schedule.py: uniform, cosine, log, exp, and powX for any X).
 METHODS = ("uniform", "cosine", "log", "exp", "pow1", "pow2", "pow2.5", "pow3", "pow0.5")
 # Each seed/case compiles the official and our model; the default run keeps a few, `-m slow` adds more.
@@ -57,7 +58,8 @@ def _assert_same_tree_and_values(official, ours):
 
 
 def _assert_close(ours, official, what):
-  """|ours - official| <= TOL everywhere (DESIGN §3), compared in float64; NaN never counts as close."""
+  """|ours - official| <= TOL everywhere (docs/ARCHITECTURE.md, 'Parity targets'), compared in float64; NaN never
+  counts as close."""
   chex.assert_tree_all_finite(ours)
   chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), ours),
                               jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), official),

@@ -1,6 +1,7 @@
 """maskgit_torch against the official golden fixtures, loaded through `conversion` exactly as a user would.
 
-Tolerances are DESIGN §3 (torch vs official, float32): codes identical, latents/images/logits <= 1e-4.
+Tolerances are docs/ARCHITECTURE.md's 'Parity targets' (torch vs official, float32): codes identical,
+latents/images/logits <= 1e-4.
 """
 
 import json
