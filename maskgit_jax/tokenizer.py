@@ -7,6 +7,11 @@ released msgpack checkpoints load unchanged:
   params/decoder/...                 (the same kinds of modules, numbered per parent in call order)
   params/quantizer/codebook          (K, embedding_dim)
 
+Mirrors maskgit_torch/tokenizer.py class for class, argument for argument: submodules take the `TokenizerConfig`
+section first (ResBlock also its in_channels, which torch must know), then `dtype` (JAX only; torch uses
+autocast); `VQVAE(config, train=False)` takes the whole `MaskGITConfig`. train=True is the official train mode
+(quantizer losses and the straight-through estimator), in both backends.
+
 Images are NHWC float32 in [0, 1] (the official input range); codes are (B, h, h) int32.
 
 Usage:
@@ -21,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs import MaskGITConfig
+from configs import MaskGITConfig, TokenizerConfig
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -46,22 +51,27 @@ def upsample(x: jax.Array, factor: int = 2) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-  """GN -> act -> conv3x3 -> GN -> act -> conv3x3, plus a shortcut; convs have no bias."""
+  """GN -> act -> conv3x3 -> GN -> act -> conv3x3, plus a shortcut; convs have no bias.
+
+  in_channels is what flax would infer from the input; it is an argument (checked against the input) so that the
+  constructor is the torch one, which must know it.
+  """
+  config: TokenizerConfig
+  in_channels: int
   filters: int
-  num_groups: int
-  norm_eps: float
-  activation: str
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    act = _activation(self.activation)
+    tc = self.config
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"ResBlock built for {self.in_channels} input channels got {x.shape[-1]}")
+    act = _activation(tc.activation_fn)
     conv = lambda k: nn.Conv(self.filters, (k, k), use_bias=False, dtype=self.dtype)
-    norm = lambda: nn.GroupNorm(num_groups=self.num_groups, epsilon=self.norm_eps, dtype=self.dtype)
-    input_dim = x.shape[-1]
+    norm = lambda: nn.GroupNorm(num_groups=tc.num_groups, epsilon=tc.norm_eps, dtype=self.dtype)
     y = conv(3)(act(norm()(x)))
     y = conv(3)(act(norm()(y)))
-    if input_dim != self.filters:
+    if self.in_channels != self.filters:
       # Official quirk, reproduced on purpose: the 1x1 shortcut is applied to the block's OUTPUT y, not to x, and
       # the input x is discarded (vqgan_tokenizer.py ResBlock). Released shortcut kernels are (1, 1, out, out).
       return y + conv(1)(y)
@@ -70,46 +80,46 @@ class ResBlock(nn.Module):
 
 class Encoder(nn.Module):
   """conv3x3 -> per level: ResBlocks (+ 2x2 avg pool, except at the last level) -> ResBlocks -> GN -> act -> 1x1."""
-  config: MaskGITConfig
+  config: TokenizerConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    tc = self.config.tokenizer
-    block = lambda filters: ResBlock(filters, tc.num_groups, tc.norm_eps, tc.activation_fn, dtype=self.dtype)
+    tc = self.config
     x = nn.Conv(tc.filters, (3, 3), use_bias=False, dtype=self.dtype)(x)
     num_levels = len(tc.channel_multipliers)
+    ch = tc.filters
     for i, multiplier in enumerate(tc.channel_multipliers):
       filters = tc.filters * multiplier
       for _ in range(tc.num_res_blocks):
-        x = block(filters)(x)
+        x, ch = ResBlock(tc, ch, filters, dtype=self.dtype)(x), filters
       if i < num_levels - 1:
         x = downsample(x)
     for _ in range(tc.num_res_blocks):
-      x = block(filters)(x)
+      x, ch = ResBlock(tc, ch, filters, dtype=self.dtype)(x), filters
     x = nn.GroupNorm(num_groups=tc.num_groups, epsilon=tc.norm_eps, dtype=self.dtype)(x)
     x = _activation(tc.activation_fn)(x)
     return nn.Conv(tc.embedding_dim, (1, 1), dtype=self.dtype)(x)  # the only encoder conv with a bias
 
 
 class Decoder(nn.Module):
-  """conv3x3 -> ResBlocks -> per level, last to first: ResBlocks (+ nearest x2 and conv3x3) -> GN -> act -> conv3x3."""
-  config: MaskGITConfig
+  """conv3x3 -> ResBlocks -> per level, last to first: ResBlocks (+ nearest x2 and conv3x3) -> GN -> act -> conv3x3
+  to output_dim (RGB)."""
+  config: TokenizerConfig
   output_dim: int = 3
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    tc = self.config.tokenizer
-    block = lambda filters: ResBlock(filters, tc.num_groups, tc.norm_eps, tc.activation_fn, dtype=self.dtype)
-    filters = tc.filters * tc.channel_multipliers[-1]
+    tc = self.config
+    filters = ch = tc.filters * tc.channel_multipliers[-1]
     x = nn.Conv(filters, (3, 3), dtype=self.dtype)(x)  # decoder convs outside ResBlocks have a bias
     for _ in range(tc.num_res_blocks):
-      x = block(filters)(x)
+      x, ch = ResBlock(tc, ch, filters, dtype=self.dtype)(x), filters
     for i in reversed(range(len(tc.channel_multipliers))):
       filters = tc.filters * tc.channel_multipliers[i]
       for _ in range(tc.num_res_blocks):
-        x = block(filters)(x)
+        x, ch = ResBlock(tc, ch, filters, dtype=self.dtype)(x), filters
       if i > 0:
         x = upsample(x, 2)
         x = nn.Conv(filters, (3, 3), dtype=self.dtype)(x)
@@ -151,14 +161,17 @@ def entropy_loss(affinity: jax.Array, loss_type: str = "softmax", temperature: f
 
 
 class VectorQuantizer(nn.Module):
-  """Nearest-codebook quantizer; argmin takes the first index on ties (jnp.argmin, as the official)."""
-  config: MaskGITConfig
+  """Nearest codebook entry by squared Euclidean distance (official `VectorQuantizer`); argmin takes the first
+  index on ties (jnp.argmin, as the official). With train=True (the official train mode) it also returns the
+  quantizer losses and the straight-through value x + stop_gradient(q - x)."""
+  config: TokenizerConfig
   train: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    tc = self.config.tokenizer
+    """x (..., E) -> (quantized (..., E), {"encoding_indices": (...) int32, "raw": x, [losses]})."""
+    tc = self.config
     codebook = self.param("codebook", nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
                           (tc.codebook_size, x.shape[-1]))
     distances = squared_distances(x.reshape(-1, x.shape[-1]), codebook).reshape(x.shape[:-1] + (tc.codebook_size,))
@@ -191,9 +204,10 @@ class VQVAE(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.quantizer = VectorQuantizer(self.config, train=self.train, dtype=self.dtype)
-    self.encoder = Encoder(self.config, dtype=self.dtype)
-    self.decoder = Decoder(self.config, output_dim=3, dtype=self.dtype)
+    tc = self.config.tokenizer
+    self.quantizer = VectorQuantizer(tc, train=self.train, dtype=self.dtype)
+    self.encoder = Encoder(tc, dtype=self.dtype)
+    self.decoder = Decoder(tc, output_dim=3, dtype=self.dtype)
 
   def encode(self, images):
     """images (B, H, H, 3) in [0, 1] -> (quantized (B, h, h, E), {"encoding_indices", "raw", [losses]})."""

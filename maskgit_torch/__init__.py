@@ -1,7 +1,9 @@
-"""MaskGIT in PyTorch, numerically mirroring the official JAX/Flax code. Never imports jax or flax."""
+"""MaskGIT in PyTorch, numerically mirroring the official JAX/Flax code. Never imports jax or flax.
 
-from maskgit_torch.checkpoint import load_checkpoint_dir, save_checkpoint_dir
+The same public names as `maskgit_jax` (docs/ARCHITECTURE.md, "Mirrored backends").
+"""
+
 from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
-__all__ = ["VQVAE", "Transformer", "load_checkpoint_dir", "save_checkpoint_dir"]
+__all__ = ["Transformer", "VQVAE"]

@@ -2,6 +2,10 @@
 
 Official: google-research/maskgit `maskgit/nets/vqgan_tokenizer.py` (VQGAN without non-local layers) and
 `maskgit/nets/layers.py`. Images at the API are NHWC float32 in [0, 1] (the official input range); inside, NCHW.
+Mirrors maskgit_jax/tokenizer.py class for class, argument for argument: submodules take the `TokenizerConfig`
+section first (then the channel counts flax infers from its input but torch must know: ResBlock's in_channels);
+`VQVAE(config, train=False)` takes the whole `MaskGITConfig`. train=True is the official train mode: the quantizer
+returns its losses (commitment, codebook, entropy) and the straight-through value, as in JAX.
 Module attributes mirror the official tree (conversion/table.py maps every parameter):
   encoder: conv_in (Conv_0), blocks[k] (ResBlock_k), norm_out (GroupNorm_0), conv_out (Conv_1)
   decoder: conv_in (Conv_0), blocks[k] (ResBlock_k), upsample_convs[j] (Conv_{j+1}), norm_out, conv_out (Conv_last)
@@ -19,6 +23,8 @@ import math
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from configs import MaskGITConfig, TokenizerConfig
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -40,17 +46,35 @@ def conv(in_ch: int, out_ch: int, kernel: int, bias: bool) -> nn.Conv2d:
   return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias)
 
 
-class ResBlock(nn.Module):
-  """Official ResBlock: y = conv(act(GN(conv(act(GN(x)))))), both convs without bias."""
+def _activation(name: str):
+  return {"swish": F.silu, "relu": F.relu}[name]
 
-  def __init__(self, in_ch: int, filters: int, act, num_groups: int, eps: float):
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+  # Official `dsample`: TF-style 2x2 average pool, stride 2, SAME. The config guarantees even sizes (image_size is
+  # a multiple of the downsampling factor), where SAME adds no padding, so this is a plain average of 4 pixels.
+  return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+def upsample(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+  # Official `upsample`: jax.image.resize(method="nearest") by an integer factor = pixel replication, written as a
+  # broadcast: the same values as F.interpolate(scale_factor=2, mode="nearest"), 2.7-3.5x faster on CPU (measured,
+  # 1 thread, (64, 64, 16, 16): 7.5 vs 20.4 ms) where interpolate copies its output once more.
+  b, c, h, w = x.shape
+  return x[:, :, :, None, :, None].expand(b, c, h, factor, w, factor).reshape(b, c, factor * h, factor * w)
+
+
+class ResBlock(nn.Module):
+  """Official ResBlock: y = conv(act(GN(conv(act(GN(x)))))), both convs without bias, plus a shortcut."""
+
+  def __init__(self, config: TokenizerConfig, in_channels: int, filters: int):
     super().__init__()
-    self.act = act
-    self.norm0 = GroupNorm(num_groups, in_ch, eps=eps)
-    self.conv0 = conv(in_ch, filters, 3, bias=False)
-    self.norm1 = GroupNorm(num_groups, filters, eps=eps)
+    self.act = _activation(config.activation_fn)
+    self.norm0 = GroupNorm(config.num_groups, in_channels, eps=config.norm_eps)
+    self.conv0 = conv(in_channels, filters, 3, bias=False)
+    self.norm1 = GroupNorm(config.num_groups, filters, eps=config.norm_eps)
     self.conv1 = conv(filters, filters, 3, bias=False)
-    self.shortcut = conv(filters, filters, 1, bias=False) if in_ch != filters else None
+    self.shortcut = conv(filters, filters, 1, bias=False) if in_channels != filters else None
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     y = self.conv0(self.act(self.norm0(x)))
@@ -62,43 +86,25 @@ class ResBlock(nn.Module):
     return y + x
 
 
-def _activation(name: str):
-  return {"swish": F.silu, "relu": F.relu}[name]
-
-
-def downsample(x: torch.Tensor) -> torch.Tensor:
-  # Official `dsample`: TF-style 2x2 average pool, stride 2, SAME. The config guarantees even sizes (image_size is
-  # a multiple of the downsampling factor), where SAME adds no padding, so this is a plain average of 4 pixels.
-  return F.avg_pool2d(x, kernel_size=2, stride=2)
-
-
-def upsample(x: torch.Tensor) -> torch.Tensor:
-  # Official `upsample`: jax.image.resize(method="nearest") by an integer factor 2 = pixel replication, written as a
-  # broadcast: the same values as F.interpolate(scale_factor=2, mode="nearest"), 2.7-3.5x faster on CPU (measured,
-  # 1 thread, (64, 64, 16, 16): 7.5 vs 20.4 ms) where interpolate copies its output once more.
-  b, c, h, w = x.shape
-  return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
-
-
 class Encoder(nn.Module):
   """conv3x3 -> per level num_res_blocks ResBlocks (+ avg pool except at the last level) -> num_res_blocks more
   ResBlocks -> GN -> act -> conv1x1 to embedding_dim (with bias)."""
 
-  def __init__(self, cfg):
+  def __init__(self, config: TokenizerConfig):
     super().__init__()
-    self.act = _activation(cfg.activation_fn)
-    mults = cfg.channel_multipliers
+    self.act = _activation(config.activation_fn)
+    mults = config.channel_multipliers
     self.num_levels = len(mults)
-    self.num_res_blocks = cfg.num_res_blocks
-    self.conv_in = conv(3, cfg.filters, 3, bias=False)
-    blocks, ch = [], cfg.filters
+    self.num_res_blocks = config.num_res_blocks
+    self.conv_in = conv(3, config.filters, 3, bias=False)
+    blocks, ch = [], config.filters
     for level in list(range(len(mults))) + [len(mults) - 1]:  # the extra group reuses the last level's width
-      for _ in range(cfg.num_res_blocks):
-        blocks.append(ResBlock(ch, cfg.filters * mults[level], self.act, cfg.num_groups, cfg.norm_eps))
-        ch = cfg.filters * mults[level]
+      for _ in range(config.num_res_blocks):
+        blocks.append(ResBlock(config, ch, config.filters * mults[level]))
+        ch = config.filters * mults[level]
     self.blocks = nn.ModuleList(blocks)
-    self.norm_out = GroupNorm(cfg.num_groups, ch, eps=cfg.norm_eps)
-    self.conv_out = conv(ch, cfg.embedding_dim, 1, bias=True)
+    self.norm_out = GroupNorm(config.num_groups, ch, eps=config.norm_eps)
+    self.conv_out = conv(ch, config.embedding_dim, 1, bias=True)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv_in(x)
@@ -115,27 +121,27 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """conv3x3 (bias) -> num_res_blocks ResBlocks -> for each level from last to first: num_res_blocks ResBlocks
-  (then nearest x2 + conv3x3 unless it is the first level) -> GN -> act -> conv3x3 to RGB."""
+  (then nearest x2 + conv3x3 unless it is the first level) -> GN -> act -> conv3x3 to output_dim (RGB)."""
 
-  def __init__(self, cfg):
+  def __init__(self, config: TokenizerConfig, output_dim: int = 3):
     super().__init__()
-    self.act = _activation(cfg.activation_fn)
-    mults = cfg.channel_multipliers
+    self.act = _activation(config.activation_fn)
+    mults = config.channel_multipliers
     self.num_levels = len(mults)
-    self.num_res_blocks = cfg.num_res_blocks
-    ch = cfg.filters * mults[-1]
-    self.conv_in = conv(cfg.embedding_dim, ch, 3, bias=True)
+    self.num_res_blocks = config.num_res_blocks
+    ch = config.filters * mults[-1]
+    self.conv_in = conv(config.embedding_dim, ch, 3, bias=True)
     blocks, upsample_convs = [], []
     for level in [len(mults) - 1] + list(reversed(range(len(mults)))):
-      for _ in range(cfg.num_res_blocks):
-        blocks.append(ResBlock(ch, cfg.filters * mults[level], self.act, cfg.num_groups, cfg.norm_eps))
-        ch = cfg.filters * mults[level]
+      for _ in range(config.num_res_blocks):
+        blocks.append(ResBlock(config, ch, config.filters * mults[level]))
+        ch = config.filters * mults[level]
     for level in reversed(range(1, len(mults))):
-      upsample_convs.append(conv(cfg.filters * mults[level], cfg.filters * mults[level], 3, bias=True))
+      upsample_convs.append(conv(config.filters * mults[level], config.filters * mults[level], 3, bias=True))
     self.blocks = nn.ModuleList(blocks)
     self.upsample_convs = nn.ModuleList(upsample_convs)
-    self.norm_out = GroupNorm(cfg.num_groups, ch, eps=cfg.norm_eps)
-    self.conv_out = conv(ch, 3, 3, bias=True)
+    self.norm_out = GroupNorm(config.num_groups, ch, eps=config.norm_eps)
+    self.conv_out = conv(ch, output_dim, 3, bias=True)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.conv_in(x)
@@ -146,32 +152,77 @@ class Decoder(nn.Module):
       for _ in range(self.num_res_blocks):
         x = next(blocks)(x)
       if level > 0:
-        x = next(upsample_convs)(upsample(x))
+        x = next(upsample_convs)(upsample(x, 2))
     return self.conv_out(self.act(self.norm_out(x)))
 
 
+def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+  """|z|^2 - 2 z.c + |c|^2 for flat z (N, E) and codebook (K, E), in the official order of operations.
+
+  Call it in float32 with autocast off (the quantizer does): the closest distances differ by ~1e-4 at random init,
+  so a bf16 matmul, or an algebraically equal form, could pick other codes.
+  """
+  return (z ** 2).sum(dim=1, keepdim=True) - 2 * (z @ codebook.t()) + (codebook ** 2).sum(dim=1)[None, :]
+
+
+def entropy_loss(affinity: torch.Tensor, loss_type: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+  """Codebook-usage regulariser of the official trainer: per-sample entropy minus batch entropy."""
+  flat = affinity.reshape(-1, affinity.shape[-1]) / temperature
+  probs = F.softmax(flat, dim=-1)
+  log_probs = F.log_softmax(flat + 1e-5, dim=-1)
+  if loss_type == "softmax":
+    target = probs
+  elif loss_type == "argmax":
+    onehot = F.one_hot(flat.argmax(dim=-1), flat.shape[-1]).to(flat.dtype)
+    target = probs - (probs - onehot).detach()  # straight-through
+  else:
+    raise ValueError(f"entropy loss type {loss_type!r} is not 'softmax' or 'argmax'")
+  avg_probs = target.mean(dim=0)
+  avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+  sample_entropy = -(target * log_probs).sum(dim=-1).mean()
+  return sample_entropy - avg_entropy
+
+
 class VectorQuantizer(nn.Module):
-  """Nearest codebook entry by squared Euclidean distance (official `VectorQuantizer`, eval mode)."""
+  """Nearest codebook entry by squared Euclidean distance (official `VectorQuantizer`); argmin takes the first
+  index on ties. With train=True (the official train mode) it also returns the quantizer losses and the
+  straight-through value z + stop_grad(q - z)."""
 
-  def __init__(self, codebook_size: int, embedding_dim: int):
+  def __init__(self, config: TokenizerConfig, train: bool = False):
     super().__init__()
-    self.codebook = nn.Parameter(torch.empty(codebook_size, embedding_dim))
+    self.config = config
+    # The official `train` flag, fixed at construction as in flax: nn.Module.train() only toggles dropout-like
+    # modes, and a trainer that wants the codebook rows themselves builds the quantizer with train=False.
+    self.train_mode = train
+    self.codebook = nn.Parameter(torch.empty(config.codebook_size, config.embedding_dim))
 
-  def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (..., E) -> (quantized (..., E) float32, indices (...) int64)."""
-    with torch.autocast(device_type=z.device.type, enabled=False):
-      flat = z.float().reshape(-1, z.shape[-1])
-      codebook = self.codebook.float()
-      # The official formula, |z|^2 - 2 z.c + |c|^2 in float32 (losses.squared_euclidean_distance); the closest
-      # distances differ by ~1e-4 at random init, so an algebraically equal form could pick other codes.
-      distances = ((flat ** 2).sum(dim=1, keepdim=True) - 2 * (flat @ codebook.t())
-                   + (codebook ** 2).sum(dim=1)[None, :])
-      indices = distances.argmin(dim=1).reshape(z.shape[:-1])  # torch.argmin returns the first index on ties
+  def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """x (..., E) -> (quantized (..., E) float32, {"encoding_indices": (...) int64, "raw": x, [losses]})."""
+    tc = self.config
+    flat = lambda: x.float().reshape(-1, x.shape[-1])
+    # The argmin needs no gradient, so its (N, K) distances keep no autograd graph; the entropy term below, the
+    # only differentiable use, computes its own after the latent losses.
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+      indices = squared_distances(flat(), self.codebook.float()).argmin(dim=1).reshape(x.shape[:-1])  # first on ties
     # one_hot(indices) @ codebook (official) is exactly the selected rows.
-    return self.lookup(indices), indices
+    quantized = self.decode_ids(indices)
+    result = {}
+    if self.train_mode:
+      e_latent_loss = torch.mean((quantized.detach() - x) ** 2) * tc.commitment_cost
+      q_latent_loss = torch.mean((quantized - x.detach()) ** 2)
+      entropy = x.new_zeros(())
+      if tc.entropy_loss_ratio != 0:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+          distances = squared_distances(flat(), self.codebook.float())
+          entropy = entropy_loss(-distances, tc.entropy_loss_type, tc.entropy_temperature) * tc.entropy_loss_ratio
+      result = dict(quantizer_loss=e_latent_loss + q_latent_loss + entropy, e_latent_loss=e_latent_loss,
+                    q_latent_loss=q_latent_loss, entropy_loss=entropy)
+      quantized = x + (quantized - x).detach()  # straight-through estimator
+    result.update(encoding_indices=indices, raw=x)
+    return quantized, result
 
-  def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-    return F.embedding(indices.long(), self.codebook.float())
+  def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids.long(), self.codebook.float())
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -183,13 +234,12 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
 class VQVAE(nn.Module):
   """The official VQGAN tokenizer. Methods take and return NHWC tensors; images are float32 in [0, 1]."""
 
-  def __init__(self, config):
+  def __init__(self, config: MaskGITConfig, train: bool = False):
     super().__init__()
-    cfg = config.tokenizer
     self.config = config
-    self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg)
-    self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embedding_dim)
+    self.encoder = Encoder(config.tokenizer)
+    self.decoder = Decoder(config.tokenizer, output_dim=3)
+    self.quantizer = VectorQuantizer(config.tokenizer, train=train)
     self.reset_parameters()
 
   @torch.no_grad()
@@ -211,10 +261,9 @@ class VQVAE(nn.Module):
     nn.init.uniform_(self.quantizer.codebook, -limit, limit)
 
   def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """images (B, H, W, 3) -> (quantized (B, h, w, E), {"encoding_indices": (B, h, w) int64, "raw": (B, h, w, E)})."""
-    raw = self.encoder(_nchw(images)).permute(0, 2, 3, 1).float()
-    quantized, indices = self.quantizer(raw)
-    return quantized, {"encoding_indices": indices, "raw": raw}
+    """images (B, H, W, 3) -> (quantized (B, h, w, E), {"encoding_indices": (B, h, w) int64, "raw": (B, h, w, E),
+    [quantizer losses when train=True]})."""
+    return self.quantizer(self.encoder(_nchw(images)).permute(0, 2, 3, 1).float())
 
   def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
     return self.encode(images)[1]["encoding_indices"]
@@ -224,7 +273,7 @@ class VQVAE(nn.Module):
     return self.decoder(_nchw(quantized)).permute(0, 2, 3, 1).float()
 
   def decode_from_indices(self, codes: torch.Tensor) -> torch.Tensor:
-    return self.decode(self.quantizer.lookup(codes))
+    return self.decode(self.quantizer.decode_ids(codes))
 
   def forward(self, images: torch.Tensor) -> torch.Tensor:
     """Reconstruction: decode(encode(images))."""

@@ -4,8 +4,12 @@ Official: google-research/maskgit `maskgit/nets/maskgit_transformer.py` (a post-
   embeddings  LN(word[ids] + pos[arange(S)])
   each layer  h = LN(x + Attn(x));  out = LN(h + W2 gelu(W1 h + b1) + b2)
   MLM head    logits = LN(gelu(Dense(last))) @ word_embeddings.T + mlm_bias
-Module attributes mirror the official tree (Embed_0 -> embed, TransformerLayer_i -> layers[i],
-Attention_0 -> attention, Mlp_0 -> mlp, MlmLayer_0 -> mlm); `conversion/table.py` maps every parameter.
+Mirrors maskgit_jax/transformer.py class for class, argument for argument: every submodule takes the
+`TransformerConfig` section first, then the sizes that live outside it (vocab_size, max_position_embeddings); the
+top-level `Transformer` takes the whole `MaskGITConfig`. Module attributes mirror the official tree (Embed_0 ->
+embed, TransformerLayer_i -> layers[i], Attention_0 -> attention, Mlp_0 -> mlp, MlmLayer_0 -> mlm);
+`conversion/table.py` maps every parameter, and its module names key the forward hooks that capture intermediates
+(`parity_tests.intermediates.capture_torch`), so `forward` is only the maths.
 
 Precision: float32 is the parity mode. Under `torch.autocast(..., dtype=torch.bfloat16)` ("fast" mode) the matmuls
 run in bf16 while LayerNorm statistics stay in float32 and the residual stream is float32 (norms return float32);
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from configs import MaskGITConfig, TransformerConfig
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -55,139 +61,119 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 class Embed(nn.Module):
   """Official `Embed`: word + position embeddings, then LayerNorm (no extra projection, no token types)."""
 
-  def __init__(self, vocab_size: int, seq_len: int, hidden: int, eps: float, dropout_rate: float = 0.0):
+  def __init__(self, config: TransformerConfig, vocab_size: int, max_position_embeddings: int):
     super().__init__()
-    self.word_embeddings = nn.Embedding(vocab_size, hidden)
-    self.position_embeddings = nn.Embedding(seq_len, hidden)
-    self.embeddings_ln = LayerNorm(hidden, eps=eps)
-    self.dropout = nn.Dropout(dropout_rate)
+    self.word_embeddings = nn.Embedding(vocab_size, config.num_embeds)
+    self.position_embeddings = nn.Embedding(max_position_embeddings, config.num_embeds)
+    self.embeddings_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
+    self.dropout = nn.Dropout(config.dropout_rate)
 
-  def forward(self, input_ids: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+  def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
     # The mask id -1 indexes the last row (V-1): the official jnp.take wraps negative indices like Python.
     ids = torch.where(input_ids < 0, input_ids + self.word_embeddings.num_embeddings, input_ids)
-    word = self.word_embeddings(ids)
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None, :]
-    pos = self.position_embeddings(positions)
-    out = self.dropout(self.embeddings_ln(word + pos))
-    if record is not None:
-      record.update({"Embed_0/word_embeddings": word, "Embed_0/position_embeddings": pos, "Embed_0": out})
-    return out
+    x = self.embeddings_ln(self.word_embeddings(ids) + self.position_embeddings(positions))
+    return self.dropout(x)
 
 
 class SelfAttention(nn.Module):
   """flax `SelfAttention` with biased q/k/v/out projections; heads are contiguous blocks of head_dim features."""
 
-  def __init__(self, hidden: int, num_heads: int, dropout_rate: float = 0.0):
+  def __init__(self, config: TransformerConfig):
     super().__init__()
-    self.dropout_rate = dropout_rate
-    self.num_heads = num_heads
-    self.head_dim = hidden // num_heads
+    hidden = config.num_embeds
+    self.dropout_rate = config.dropout_rate
+    self.num_heads = config.num_heads
+    self.head_dim = config.head_dim
     self.query = nn.Linear(hidden, hidden)
     self.key = nn.Linear(hidden, hidden)
     self.value = nn.Linear(hidden, hidden)
     self.out = nn.Linear(hidden, hidden)
 
-  def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
     b, s, d = x.shape
-    q = self.query(x).view(b, s, self.num_heads, self.head_dim)
-    k = self.key(x).view(b, s, self.num_heads, self.head_dim)
-    v = self.value(x).view(b, s, self.num_heads, self.head_dim)
+    # (B, heads, S, head_dim): the projections split into heads as flax's (D, heads, head_dim) kernels do.
+    q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+               for proj in (self.query, self.key, self.value))
     # The official attention mask is all ones (every token sees every token), so no mask is passed.
     # Default scale 1/sqrt(head_dim), as flax's dot_product_attention applies to the query.
     if self.training and self.dropout_rate > 0:
       # As flax (broadcast_dropout=True): one dropout mask over (q, k) shared by the batch and the heads, which
       # SDPA's per-element dropout cannot express; so the attention is written out in training.
-      probs = torch.softmax((q.transpose(1, 2) / self.head_dim ** 0.5) @ k.permute(0, 2, 3, 1), dim=-1)
+      probs = torch.softmax((q / self.head_dim ** 0.5) @ k.transpose(2, 3), dim=-1)
       keep = torch.rand(probs.shape[-2:], device=x.device) >= self.dropout_rate
-      attn = (probs * keep / (1 - self.dropout_rate)) @ v.transpose(1, 2)
+      attn = (probs * keep / (1 - self.dropout_rate)) @ v
     else:
-      attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    out = self.out(attn.transpose(1, 2).reshape(b, s, d))
-    if record is not None:
-      record.update({prefix + "query": q, prefix + "key": k, prefix + "value": v, prefix + "out": out})
-    return out
+      attn = F.scaled_dot_product_attention(q, k, v)
+    return self.out(attn.transpose(1, 2).reshape(b, s, d))
 
 
 class Attention(nn.Module):
-  """Official `Attention`: self-attention, then post-LN around the residual."""
+  """Official `Attention`: self-attention, then post-LN around the residual: LN(x + dropout(attn(x)))."""
 
-  def __init__(self, hidden: int, num_heads: int, eps: float, dropout_rate: float = 0.0):
+  def __init__(self, config: TransformerConfig):
     super().__init__()
-    self.self_attention = SelfAttention(hidden, num_heads, dropout_rate)
-    self.dropout = nn.Dropout(dropout_rate)
-    self.attention_output_ln = LayerNorm(hidden, eps=eps)
+    self.self_attention = SelfAttention(config)
+    self.dropout = nn.Dropout(config.dropout_rate)
+    self.attention_output_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
 
-  def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
-    out = self.attention_output_ln(self.dropout(self.self_attention(x, record, prefix + "self_attention/")) + x)
-    if record is not None:
-      record[prefix + "attention_output_ln"] = out
-    return out
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.attention_output_ln(self.dropout(self.self_attention(x)) + x)
 
 
 class Mlp(nn.Module):
-  """Official `Mlp`: Dense -> tanh GELU -> Dense, then post-LN around the residual."""
+  """Official `Mlp`: LN(x + dropout(W2 gelu(W1 x + b1) + b2)), the tanh GELU."""
 
-  def __init__(self, hidden: int, intermediate: int, eps: float, dropout_rate: float = 0.0):
+  def __init__(self, config: TransformerConfig):
     super().__init__()
-    self.intermediate_output = nn.Linear(hidden, intermediate)
-    self.layer_output = nn.Linear(intermediate, hidden)
-    self.dropout = nn.Dropout(dropout_rate)
-    self.layer_output_ln = LayerNorm(hidden, eps=eps)
+    self.intermediate_output = nn.Linear(config.num_embeds, config.intermediate_size)
+    self.layer_output = nn.Linear(config.intermediate_size, config.num_embeds)
+    self.dropout = nn.Dropout(config.dropout_rate)
+    self.layer_output_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
 
-  def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
-    inter = self.intermediate_output(x)
-    layer_out = self.layer_output(gelu(inter))
-    out = self.layer_output_ln(self.dropout(layer_out) + x)
-    if record is not None:
-      record.update({prefix + "intermediate_output": inter, prefix + "layer_output": layer_out,
-                     prefix + "layer_output_ln": out})
-    return out
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.layer_output(gelu(self.intermediate_output(x)))
+    return self.layer_output_ln(self.dropout(y) + x)
 
 
 class TransformerLayer(nn.Module):
+  """One post-LN layer: Attention, then Mlp."""
 
-  def __init__(self, hidden: int, num_heads: int, intermediate: int, eps: float, dropout_rate: float = 0.0):
+  def __init__(self, config: TransformerConfig):
     super().__init__()
-    self.attention = Attention(hidden, num_heads, eps, dropout_rate)
-    self.mlp = Mlp(hidden, intermediate, eps, dropout_rate)
+    self.attention = Attention(config)
+    self.mlp = Mlp(config)
 
-  def forward(self, x: torch.Tensor, record: dict | None = None, prefix: str = "") -> torch.Tensor:
-    return self.mlp(self.attention(x, record, prefix + "Attention_0/"), record, prefix + "Mlp_0/")
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.mlp(self.attention(x))
 
 
 class MlmLayer(nn.Module):
-  """Official `MlmLayer`: Dense -> GELU -> LN, logits against the tied word embeddings, plus a bias over V."""
+  """Official `MlmLayer`: logits = LN(gelu(Dense(x))) @ word_embeddings.T + bias over V (tied output weights)."""
 
-  def __init__(self, hidden: int, vocab_size: int, eps: float):
+  def __init__(self, config: TransformerConfig, vocab_size: int):
     super().__init__()
-    self.mlm_dense = nn.Linear(hidden, hidden)
-    self.mlm_ln = LayerNorm(hidden, eps=eps)
+    self.mlm_dense = nn.Linear(config.num_embeds, config.num_embeds)
+    self.mlm_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
     self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
 
-  def forward(self, last: torch.Tensor, word_embeddings: torch.Tensor, record: dict | None = None) -> torch.Tensor:
-    dense = self.mlm_dense(last)
-    hidden = self.mlm_ln(gelu(dense))
-    logits = hidden @ word_embeddings.t() + self.mlm_bias
-    if record is not None:
-      record.update({"MlmLayer_0/mlm_dense": dense, "MlmLayer_0/mlm_ln": hidden})
-    return logits
+  def forward(self, x: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    h = self.mlm_ln(gelu(self.mlm_dense(x)))
+    return h @ embeddings.t() + self.mlm_bias
 
 
 class Transformer(nn.Module):
-  """The official MaskGIT transformer. `forward(input_ids)` -> logits (B, S, V) over the full vocabulary."""
+  """The official MaskGIT transformer: (B, S) token ids -> (B, S, V) float32 logits over the full vocabulary."""
 
-  def __init__(self, config):
+  def __init__(self, config: MaskGITConfig):
     super().__init__()
-    tr = config.transformer
+    tc = config.transformer
     self.config = config
-    eps = tr.layer_norm_eps
     # Dropout (train mode only) at the official places: after the embedding LN, on the attention probabilities,
     # and on the attention and MLP outputs before their residuals. eval() (inference, parity) disables it.
-    self.embed = Embed(config.vocab_size, config.seq_len, tr.num_embeds, eps, tr.dropout_rate)
-    self.layers = nn.ModuleList(
-        TransformerLayer(tr.num_embeds, tr.num_heads, tr.intermediate_size, eps, tr.dropout_rate)
-        for _ in range(tr.num_layers))
-    self.mlm = MlmLayer(tr.num_embeds, config.vocab_size, eps)
+    self.embed = Embed(tc, config.vocab_size, config.seq_len)
+    self.layers = nn.ModuleList(TransformerLayer(tc) for _ in range(tc.num_layers))
+    self.mlm = MlmLayer(tc, config.vocab_size)
     self.reset_parameters()
 
   @torch.no_grad()
@@ -204,19 +190,13 @@ class Transformer(nn.Module):
         nn.init.zeros_(module.bias)
     nn.init.zeros_(self.mlm.mlm_bias)
 
-  def forward(self, input_ids: torch.Tensor, return_intermediates: bool = False):
-    """input_ids (B, S) with the class token first and -1 for masked tokens.
+  def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids (B, S) with the class token first and -1 for masked tokens -> logits (B, S, V) float32.
 
-    Returns logits (B, S, V) float32, or (logits, intermediates) where intermediates maps official flax module
-    paths (as in transformer_intermediates.npz, e.g. "TransformerLayer_0/Mlp_0/layer_output", every layer) to
-    tensors of the whole batch.
+    Intermediates (every submodule's output under its official flax path) come from forward hooks keyed by the
+    conversion table's module names: `parity_tests.intermediates.capture_torch`.
     """
-    record = {} if return_intermediates else None
-    x = self.embed(input_ids.long(), record)
-    for i, layer in enumerate(self.layers):
-      x = layer(x, record, f"TransformerLayer_{i}/")
-    logits = self.mlm(x, self.embed.word_embeddings.weight, record).float()
-    if record is None:
-      return logits
-    record["output"] = logits
-    return logits, record
+    x = self.embed(input_ids.long())
+    for layer in self.layers:
+      x = layer(x)
+    return self.mlm(x, self.embed.word_embeddings.weight).float()

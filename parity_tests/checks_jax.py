@@ -1,8 +1,9 @@
 """JAX side of the parity runner: `maskgit_jax` behind the numpy-in / numpy-out adapter of `checks.py`.
 
 Imported only for `--backend jax|both`, so a torch-only install can run `--backend torch`. The case's official
-msgpack checkpoints restore into `maskgit_jax` with no renaming (DESIGN §2). Latents, reconstructions and logits
-must be within 1e-5 of the official code (DESIGN §3); codes, schedules and tokens identical.
+msgpack checkpoints restore into `maskgit_jax` with no renaming (docs/ARCHITECTURE.md, 'Numerics contract').
+Latents, reconstructions and logits must be within 1e-5 of the official code (docs/ARCHITECTURE.md, 'Parity
+targets'); codes, schedules and tokens identical.
 """
 
 import importlib
@@ -12,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import device as device_lib
+from parity_tests import intermediates
 from parity_tests.checks import DECODE_FIELDS
 
 NAME = "jax"
-TOLERANCE = 1e-5  # DESIGN §3: JAX vs official latents, reconstructions, logits (max abs)
+TOLERANCE = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets': JAX vs official latents, reconstructions, logits (max abs)
 
 # Jitted model functions, one per (what, config): a second run in the same process (the tests) reuses the
 # compiled code. The parameters are arguments, never closed over, so they are not baked in as constants.
@@ -61,7 +63,8 @@ class Session:
 
   def __enter__(self):
     self._previous = jax.config.jax_default_matmul_precision
-    # DESIGN §2 parity mode: float32 matmuls/convs at full precision (no bf16 passes on TPU/GPU TF32).
+    # Parity mode (docs/ARCHITECTURE.md, 'Numerics contract'): float32 matmuls/convs at full precision (no bf16
+    # passes on TPU/GPU TF32).
     jax.config.update("jax_default_matmul_precision", "highest")
     self._device_ctx = jax.default_device(self.device)
     self._device_ctx.__enter__()
@@ -127,11 +130,10 @@ class JaxCase:
     return np.asarray(_jitted("transformer", self.case.config)(self.variables("transformer"), jnp.asarray(ids)))
 
   def intermediates(self, ids):
-    transformer = _module("transformer")
-    model = transformer.Transformer(self.case.config)
+    model = _module("transformer").Transformer(self.case.config)
     _, state = model.apply(self.variables("transformer"), jnp.asarray(ids), deterministic=True,
                            capture_intermediates=True, mutable=["intermediates"])
-    return {k: np.asarray(v) for k, v in transformer.flatten_intermediates(state).items()}
+    return {k: np.asarray(v) for k, v in intermediates.flatten_flax(state).items()}
 
   def schedule(self, ratio, total_unknown, method):
     return np.asarray(_module("sampler").schedule(jnp.asarray(ratio), jnp.asarray(total_unknown), method))
@@ -156,7 +158,8 @@ class JaxCase:
     return {f: np.asarray(getattr(out, f)) for f in DECODE_FIELDS}
 
   def prng_applicable(self, case):
-    """The fixture's raw keys give its recorded draws only on the same jax PRNG bits (DESIGN §6)."""
+    """The fixture's raw keys give its recorded draws only on the same jax PRNG bits (docs/ARCHITECTURE.md,
+    'Official facts')."""
     fixture_jax = case.official.get("versions", {}).get("jax")
     if fixture_jax is None:
       return False, "the fixture records no jax version"

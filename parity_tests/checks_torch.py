@@ -3,7 +3,8 @@
 Imported only for `--backend torch|both`, and never imports jax. The case's official msgpack checkpoints are loaded
 exactly as a user would: `maskgit_common.msgpack_io.read_msgpack` -> `conversion.jax_to_torch` ->
 `load_state_dict(strict=True)`. Latents, reconstructions and logits must be within 1e-4 of the official code
-(DESIGN §3); codes, schedules and tokens identical, the decode driven by the recorded official draws.
+(docs/ARCHITECTURE.md, 'Parity targets'); codes, schedules and tokens identical, the decode driven by the recorded
+official draws.
 Also holds `conversion.roundtrip`: official msgpack -> torch state_dict -> JAX tree, every leaf bit-identical.
 """
 
@@ -14,11 +15,12 @@ import torch
 
 from maskgit_common import msgpack_io
 from maskgit_torch import device as device_lib
+from parity_tests import intermediates
 from parity_tests.case import result
 from parity_tests.checks import DECODE_FIELDS
 
 NAME = "torch"
-TOLERANCE = 1e-4  # DESIGN §3: torch vs official latents, reconstructions, logits (max abs)
+TOLERANCE = 1e-4  # docs/ARCHITECTURE.md, 'Parity targets': torch vs official latents, reconstructions, logits (max abs)
 WHICH = ("tokenizer", "transformer")
 
 
@@ -42,7 +44,8 @@ class Session:
   def __enter__(self):
     self._previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
                       torch.get_float32_matmul_precision())
-    # DESIGN §2 parity mode: full float32 matmuls and convolutions (TF32 would cost ~1e-3 relative on GPU).
+    # Parity mode (docs/ARCHITECTURE.md, 'Numerics contract'): full float32 matmuls and convolutions (TF32 would
+    # cost ~1e-3 relative on GPU).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -107,7 +110,9 @@ class TorchCase:
 
   @torch.inference_mode()
   def intermediates(self, ids):
-    _, record = self.model("transformer")(self._tensor(ids, integer=True), return_intermediates=True)
+    model, ids = self.model("transformer"), self._tensor(ids, integer=True)
+    rules = _module("conversion.table").param_table(self.case.config, "transformer")
+    _, record = intermediates.capture_torch(model, rules, lambda: model(ids))
     return {k: self._numpy(v) for k, v in record.items()}
 
   @torch.inference_mode()
@@ -158,6 +163,9 @@ def conversion_roundtrip(case):
       notes.append(f"{which}: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                    f"{len(bad)} not bit-identical {bad[:3]}")
   return result(passed, max_diff, 0, "; ".join(notes))
+
+
+CHECKS = {("official", "conversion.roundtrip"): lambda b, case: conversion_roundtrip(case)}
 
 
 def _bit_identical(a, b):

@@ -3,8 +3,11 @@
   python -m parity_tests --golden DIR --backend jax|torch|both --report FILE.json [--device auto] [--precision parity]
 
 DIR is one case directory (it holds config.json) or a directory of them (searched one level deep), in the fixture
-format of parity_tests/data/FORMAT.md. The report is DESIGN §4's JSON; a table goes to stdout. Exit status 0 iff
-every check passed, 1 if any failed, 2 for a usage error (e.g. a missing or empty DIR).
+format of parity_tests/data/FORMAT.md (or the seed fixtures' FORMAT.md). Each case yields every check its
+format declares (parity_tests/plan.py): a missing input file fails the checks that read it, naming the file, and a
+declared check this version does not implement is reported as NOT YET (failed). The report is the JSON of
+docs/ARCHITECTURE.md ('Parity runner and report'); a table goes to stdout. Exit status 0 iff every check passed, 1
+if any failed, 2 for a usage error (e.g. a missing DIR, or one that holds no case).
 
 jax and torch are imported only for their own checks, so `--backend torch` runs without jax installed. A check
 that raises is recorded as failed with the exception, and the run goes on.
@@ -15,13 +18,13 @@ import importlib
 import sys
 import traceback
 
-from parity_tests import checks
+from parity_tests import checks, plan
 from parity_tests.case import Case, GoldenDirError, find_cases, result
 from parity_tests.report import format_table, print_progress, versions, write_report
 
 BACKENDS = ("jax", "torch", "both")
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")
-PRECISIONS = ("parity",)  # the DESIGN §3 tolerances are defined for float32 parity mode only
+PRECISIONS = ("parity",)  # the tolerances (docs/ARCHITECTURE.md, 'Parity targets') hold for float32 parity only
 
 
 def _failure(e):
@@ -32,18 +35,30 @@ def _failure(e):
 
 
 def check_names(backend, case):
-  """The checks a backend runs on a case (DESIGN §4 names)."""
-  names = [f"{backend}.{c}" for c in ("tokenizer.codes", "tokenizer.decode", "transformer.logits", "schedule",
-                                      "decode.tokens")]
-  if case.has("edit.npz"):
-    names.append(f"{backend}.edit.tokens")
-  if backend == "torch":
-    names.append("conversion.roundtrip")
-  return names
+  """The checks a backend reports on a case, as the case's format declares them (docs/ARCHITECTURE.md, 'Parity
+  runner and report')."""
+  return [c.report_name(backend) for c in plan.planned_checks(case, backend)]
+
+
+def evaluate(planned, b, case, implementations):
+  """One declared check: FAIL naming its missing input files, NOT YET without an implementation, else its verdict."""
+  missing = case.missing(planned.inputs)
+  if missing:
+    return result(False, None, None, f"missing input file{'s' * (len(missing) > 1)} {', '.join(missing)} in "
+                                     f"{case.path}: the case's format declares this check, which reads "
+                                     f"{', '.join(planned.inputs)}")
+  fmt = plan.case_format(case)
+  fn = implementations.get((fmt.name, planned.kind))
+  if fn is None:
+    entry = result(False, None, None, f"not yet implemented: {fmt.name} cases declare a {planned.kind} check "
+                                      f"({fmt.reference}), which this version does not have")
+    entry["not_yet"] = True
+    return entry
+  return fn(b, case, *planned.args)
 
 
 def _run_backend(backend, cases, results, device, precision, verbose):
-  """Runs one backend's checks on every case into `results`; returns its device description."""
+  """Runs one backend's declared checks on every case into `results`; returns its device description."""
 
   def record(case, name, fn):
     try:
@@ -63,12 +78,13 @@ def _run_backend(backend, cases, results, device, precision, verbose):
       for name in check_names(backend, case):
         record(case, name, lambda e=e: _raise(e))
     return f"unavailable ({type(e).__name__}: {e})"
+  implementations = {**checks.CHECKS, **getattr(module, "CHECKS", {})}
   with session:
     for case in cases:
       b = session.open(case)
-      checks.run_backend_checks(b, case, lambda name, fn, case=case: record(case, name, fn))
-      if backend == "torch":
-        record(case, "conversion.roundtrip", lambda case=case: module.conversion_roundtrip(case))
+      for planned in plan.planned_checks(case, backend):
+        record(case, planned.report_name(backend),
+               lambda planned=planned, b=b, case=case: evaluate(planned, b, case, implementations))
   return session.description
 
 
@@ -79,8 +95,9 @@ def _raise(e):
 def run_parity(golden, backend, report_path=None, device="auto", precision="parity", verbose=False):
   """Runs the parity checks of `backend` ("jax", "torch" or "both") on every case in `golden`.
 
-  Returns the report dict (DESIGN §4) and writes it as JSON to `report_path` if given. Raises GoldenDirError
-  (a ValueError) if `golden` is missing or holds no case, ValueError for an unknown backend/device/precision.
+  Returns the report dict (docs/ARCHITECTURE.md, 'Parity runner and report') and writes it as JSON to
+  `report_path` if given. Raises GoldenDirError (a ValueError) if `golden` is missing or holds no case, ValueError
+  for an unknown backend/device/precision.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -112,7 +129,8 @@ def run_parity(golden, backend, report_path=None, device="auto", precision="pari
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m parity_tests",
-      description="MaskGIT parity checks against golden fixtures of the official code (DESIGN §3, §4).")
+      description="MaskGIT parity checks against golden fixtures of the official code "
+                  "(docs/ARCHITECTURE.md, 'Parity targets' and 'Parity runner and report').")
   parser.add_argument("--golden", required=True, help="a case directory, or a directory of case directories")
   parser.add_argument("--backend", required=True, choices=BACKENDS)
   parser.add_argument("--report", default=None, help="write the JSON report here")

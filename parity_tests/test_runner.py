@@ -1,21 +1,25 @@
-"""The parity runner on the vendored golden cases: everything passes, the report has DESIGN §4's schema, and a
-perturbed fixture makes exactly the check that covers it fail (so the runner can fail)."""
+"""The parity runner on the vendored golden cases: everything passes, the report has the schema of
+docs/ARCHITECTURE.md ('Parity runner and report'), and a perturbed fixture makes exactly the check that covers it
+fail (so the runner can fail). Issue 14: a case yields every check it declares (a missing input file fails naming
+it, seed checks not written yet are NOT YET), and an empty directory or a damaged fixture is one clear error."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from parity_tests import runner
-from parity_tests.case import GoldenDirError
+from parity_tests import plan, runner
+from parity_tests.case import Case, CaseFileError, GoldenDirError, result
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CASES = sorted(d for d in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, d, "config.json")))
 LATENT_CHECKS = ("tokenizer.decode", "transformer.logits")
 EXACT_CHECKS = ("tokenizer.codes", "schedule", "decode.tokens", "edit.tokens")
-TOLERANCES = {"jax": 1e-5, "torch": 1e-4}  # DESIGN §3
+TOLERANCES = {"jax": 1e-5, "torch": 1e-4}  # docs/ARCHITECTURE.md, 'Parity targets'
 
 
 def _failed(report):
@@ -168,13 +172,15 @@ def test_perturbed_fixture_fails_exactly_its_check(case_copy, tmp_path, filename
 
 
 def test_a_raising_check_is_recorded_and_the_run_goes_on(case_copy, tmp_path):
-  os.remove(os.path.join(case_copy, "mask_schedule.npz"))
+  path = os.path.join(case_copy, "mask_schedule.npz")
+  with np.load(path) as data:
+    np.savez(path, **{k: data[k] for k in data.files if k != "ratios"})  # a key the check reads is gone
   status, report = _run_main(case_copy, tmp_path, "torch")
   name = os.path.basename(case_copy)
   assert status == 1
   assert _failed(report) == {(name, "torch.schedule")}
   r = report["cases"][name]["torch.schedule"]
-  assert r["detail"].startswith("FileNotFoundError") and r["max_abs_diff"] is None
+  assert r["detail"].startswith("KeyError") and "ratios" in r["detail"] and r["max_abs_diff"] is None
 
 
 def test_missing_or_empty_golden_dir_is_a_clear_error(tmp_path, capsys):
@@ -183,6 +189,174 @@ def test_missing_or_empty_golden_dir_is_a_clear_error(tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   (tmp_path / "empty").mkdir()
   assert runner.main(["--golden", str(tmp_path / "empty"), "--backend", "jax"]) == 2
-  assert "holds no case" in capsys.readouterr().err
+  assert "no case found" in capsys.readouterr().err
   with pytest.raises(GoldenDirError):
     runner.run_parity(missing, "both")
+
+
+# Issue 14, finding 3: a case yields every check it declares; a missing input is a FAIL naming it. ---------------
+def test_a_case_without_edit_npz_fails_the_edit_check_naming_the_file(case_copy, tmp_path):
+  os.remove(os.path.join(case_copy, "edit.npz"))
+  status, report = _run_main(case_copy, tmp_path, "torch")
+  name = os.path.basename(case_copy)
+  assert status == 1 and report["passed"] is False
+  assert _failed(report) == {(name, "torch.edit.tokens")}
+  r = report["cases"][name]["torch.edit.tokens"]
+  assert "missing input file edit.npz" in r["detail"] and case_copy in r["detail"]
+  assert r["max_abs_diff"] is None and not r.get("not_yet")
+
+
+# Which checks fail when one file of an official case is missing (parity_tests/data/FORMAT.md).
+MISSING_FILE_FAILS = {
+    "tokenizer.msgpack": {"tokenizer.codes", "tokenizer.decode", "conversion.roundtrip"},
+    "transformer.msgpack": {"transformer.logits", "decode.tokens", "edit.tokens", "conversion.roundtrip"},
+    "tokenizer_io.npz": {"tokenizer.codes", "tokenizer.decode"},
+    "transformer_io.npz": {"transformer.logits"},
+    "mask_schedule.npz": {"schedule"},
+    "decode.npz": {"schedule", "decode.tokens"},
+    "edit.npz": {"edit.tokens"},
+}
+
+
+@pytest.mark.parametrize("filename", sorted(MISSING_FILE_FAILS))
+def test_each_missing_file_fails_exactly_the_checks_that_read_it(case_copy, filename):
+  """Planned without running a model: the checks reading the file FAIL naming it, the others would run."""
+  os.remove(os.path.join(case_copy, filename))
+  case = Case(case_copy)
+  assert [c.report_name("torch") for c in plan.planned_checks(case, "torch")] == [
+      f"torch.{c}" for c in ("tokenizer.codes", "tokenizer.decode", "transformer.logits", "schedule",
+                             "decode.tokens", "edit.tokens")] + ["conversion.roundtrip"]
+  ran = []
+  implementations = {("official", c.kind): (lambda b, case, kind=c.kind: ran.append(kind) or result(True, 0.0))
+                     for c in plan.planned_checks(case, "torch")}
+  entries = {c.name: runner.evaluate(c, None, case, implementations) for c in plan.planned_checks(case, "torch")}
+  failed = {name for name, r in entries.items() if not r["passed"]}
+  assert failed == MISSING_FILE_FAILS[filename]
+  for name in failed:
+    assert f"missing input file {filename} in {case.path}" in entries[name]["detail"], name
+  assert sorted(ran) == sorted(set(entries) - failed)
+
+
+def _seed_case(root, variants=("default", "inpaint"), files=None):
+  """A stand-in seed case (the seed fixtures' layout: config.json with maskgit/vqgan, MaskGIT/, VQGAN/)."""
+  case = root / "seedcase"
+  (case / "MaskGIT").mkdir(parents=True)
+  (case / "VQGAN").mkdir()
+  config = {"maskgit": {"codebook_size": 8}, "vqgan": {"n_embed": 8}, "train": {"batch": 2},
+            "sampler": {"variants": {v: {} for v in variants}}}
+  (case / "config.json").write_text(json.dumps(config))
+  for name in files if files is not None else (
+      ["MaskGIT/current.pth", "VQGAN/last.ckpt", "VQGAN/model.yaml", "tokenizer_io.npz", "transformer_io.npz",
+       "train_step.npz"] + [f"sample_{v}.npz" for v in variants]):
+    (case / name).write_bytes(b"")
+  return case
+
+
+def test_seed_case_declares_its_checks_and_reports_them_not_yet(tmp_path, capsys):
+  """Every check the seed format declares is reported, failed and marked NOT YET: none dropped, none passed."""
+  case = _seed_case(tmp_path)
+  (case / "sample_extra.npz").write_bytes(b"")  # a variant held, though not in config.json: declared too
+  report = runner.run_parity(str(case), "torch")
+  checks = report["cases"]["seedcase"]
+  variants = ("default", "extra", "inpaint")
+  assert set(checks) == ({f"torch.{c}" for c in ("tokenizer.codes", "tokenizer.decode", "transformer.logits",
+                                                  "train.step")}
+                         | {f"torch.sample.{v}.{k}" for v in variants for k in ("tokens", "images")}
+                         | {"conversion.roundtrip"})
+  assert report["passed"] is False
+  for name, r in checks.items():
+    assert r["passed"] is False and r["not_yet"] is True and r["detail"].startswith("not yet implemented"), name
+    assert r["max_abs_diff"] is None and r["tolerance"] is None
+  assert runner.main(["--golden", str(case), "--backend", "jax"]) == 1
+  out = capsys.readouterr().out
+  assert "NOT YET" in out and "declared check(s) NOT YET implemented" in out and "PASS " not in out
+
+
+def test_seed_case_missing_a_declared_sample_file_fails_naming_it(tmp_path):
+  case = _seed_case(tmp_path)
+  os.remove(case / "sample_inpaint.npz")  # config.json declares the variant
+  checks = runner.run_parity(str(case), "torch")["cases"]["seedcase"]
+  for kind in ("tokens", "images"):
+    r = checks[f"torch.sample.inpaint.{kind}"]
+    assert not r["passed"] and not r.get("not_yet") and "missing input file sample_inpaint.npz" in r["detail"]
+  assert checks["torch.sample.default.tokens"].get("not_yet") is True
+
+
+# Issue 14, finding 4: an empty directory, damaged fixture files. -------------------------------------------------
+def test_empty_directory_says_no_case_was_found_and_what_a_case_holds(tmp_path):
+  (tmp_path / "tiny").mkdir()
+  (tmp_path / "tiny" / "decode.npz").write_bytes(b"")  # a case directory without its config.json
+  with pytest.raises(GoldenDirError) as e:
+    runner.run_parity(str(tmp_path), "torch")
+  message = str(e.value)
+  assert "\n" not in message and "no case found" in message and str(tmp_path) in message
+  assert "tiny/ hold" in message and "no config.json" in message
+  for name in ("config.json", "tokenizer.msgpack", "transformer.msgpack", "tokenizer_io.npz", "decode.npz",
+               "edit.npz", "MaskGIT/current.pth", "VQGAN/last.ckpt", "train_step.npz"):
+    assert name in message, name
+
+
+def test_run_py_parity_on_an_empty_directory_is_one_line(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, os.path.join(root, "run.py"), "parity", "--golden", str(tmp_path)],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and "no case found" in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr and "tokenizer_io.npz" in lines[0]
+
+
+def _object_array_npz(path):
+  np.savez(path, codes=np.array([{"a": 1}], dtype=object))
+
+
+def _damage(how):
+  def write(path):
+    if how == "object_array":
+      _object_array_npz(path)
+      return
+    data = open(path, "rb").read()
+    if how == "garbage":
+      data = b"this is not an npz file\n" * 8
+    elif how == "truncated":
+      data = data[:len(data) // 2]
+    elif how == "flipped_byte":  # a byte inside the first member's compressed data: a CRC or zlib error
+      data = bytearray(data)
+      data[len(data) // 4] ^= 0xFF
+      data = bytes(data)
+    open(path, "wb").write(data)
+  return write
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "flipped_byte", "object_array"])
+def test_a_damaged_npz_names_the_file_and_never_advises_allow_pickle(case_copy, how):
+  path = os.path.join(case_copy, "tokenizer_io.npz")
+  _damage(how)(path)
+  with pytest.raises(CaseFileError) as e:
+    Case(case_copy).npz("tokenizer_io.npz")
+  message = str(e.value)
+  assert message.startswith(path) and "allow_pickle" not in message, message
+
+
+def test_a_damaged_npz_fails_its_checks_in_the_report_naming_the_file(case_copy, tmp_path):
+  path = os.path.join(case_copy, "tokenizer_io.npz")
+  _damage("garbage")(path)
+  status, report = _run_main(case_copy, tmp_path, "torch")
+  name = os.path.basename(case_copy)
+  assert status == 1
+  assert _failed(report) == {(name, "torch.tokenizer.codes"), (name, "torch.tokenizer.decode")}
+  for check in ("torch.tokenizer.codes", "torch.tokenizer.decode"):
+    detail = report["cases"][name][check]["detail"]
+    assert detail.startswith("CaseFileError") and path in detail and "allow_pickle" not in detail
+
+
+def test_a_damaged_config_names_the_file(case_copy):
+  path = os.path.join(case_copy, "config.json")
+  with open(path, "a") as f:
+    f.write("}{")
+  report = runner.run_parity(case_copy, "torch")
+  checks = report["cases"][os.path.basename(case_copy)]
+  assert "torch.edit.tokens" in checks  # the official format's checks, all failed, the file named
+  for name, r in checks.items():
+    assert not r["passed"] and path in r["detail"] and "not valid JSON" in r["detail"], name

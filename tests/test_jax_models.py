@@ -1,7 +1,8 @@
 """maskgit_jax tokenizer, transformer and checkpoint loader against every golden case (and the live official code).
 
 Every float check has two parts:
-  * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5 (DESIGN §3);
+  * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5
+    (docs/ARCHITECTURE.md, 'Parity targets');
   * ours vs the recorded fixture: max abs <= 1e-5, or, where the official code itself is further than that from
     the recording on this machine, no further from it than the official is. Why: XLA:CPU's float32 convolutions
     and reductions depend on the CPU's vector ISA. The official tokenizer's reconstructions move by up to 1.5e-5
@@ -16,6 +17,7 @@ import functools
 import os
 import re
 
+import chex
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,12 @@ from configs import imagenet_256, imagenet_512, tiny
 from maskgit_jax.checkpoint import (CheckpointError, compare_trees, expected_shapes, init_variables,
                                     load_msgpack_params, save_msgpack_params)
 from maskgit_jax.tokenizer import VQVAE
-from maskgit_jax.transformer import Transformer, flatten_intermediates
+from maskgit_jax.transformer import Transformer
 from parity_tests import oracle
+from parity_tests.intermediates import flatten_flax
 from tests.helpers import golden_cases, golden_config
 
-TOL = 1e-5  # DESIGN §3: JAX vs official latents, reconstructions, logits
+TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets': JAX vs official latents, reconstructions, logits
 CASES = golden_cases()
 IDS = [os.path.basename(c) for c in CASES]
 TREES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_official_param_trees.txt")
@@ -68,7 +71,7 @@ def _transformer_outputs(model, variables, tio, inter):
   out = {f"logits_{k}": np.asarray(model.apply(variables, tio[f"ids_{k}"], deterministic=True)) for k in LOGITS}
   _, state = model.apply(variables, inter["ids_row0"], deterministic=True, capture_intermediates=True,
                          mutable=["intermediates"])
-  out["intermediates"] = {k: np.asarray(v) for k, v in flatten_intermediates(state).items()}
+  out["intermediates"] = {k: np.asarray(v) for k, v in flatten_flax(state).items()}
   return out
 
 
@@ -96,17 +99,20 @@ def case_data(case_dir):
   return data
 
 
+def _f64(tree):
+  # Compared in float64, as a max abs diff would be: a float32 difference can round across the bound.
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+
+
 def check_close(ours, recorded, official, what):
-  """The two-part bound of the module docstring; returns (vs recording, vs live official) for reports."""
-  live = None
+  """The two-part bound of the module docstring (chex: |ours - ref| <= atol everywhere, rtol 0)."""
+  chex.assert_tree_all_finite(ours)  # assert_trees_all_close counts NaN == NaN as close; ours must have none
+  chex.assert_trees_all_equal_shapes(ours, recorded)
   bound = TOL
   if official is not None:
-    live = max_abs(ours, official)
-    assert live <= TOL, f"{what}: ours vs the live official differ by {live:.3g} > {TOL}"
+    chex.assert_trees_all_close(_f64(ours), _f64(official), atol=TOL, rtol=0, custom_message=f"{what} vs live official")
     bound = max(TOL, max_abs(official, recorded))  # the recording's own hardware spread, measured here
-  recorded_diff = max_abs(ours, recorded)
-  assert recorded_diff <= bound, f"{what}: ours vs recorded differ by {recorded_diff:.3g} > {bound:.3g}"
-  return recorded_diff, live
+  chex.assert_trees_all_close(_f64(ours), _f64(recorded), atol=bound, rtol=0, custom_message=f"{what} vs recorded")
 
 
 # Trees -----------------------------------------------------------------------------------------------------------
@@ -172,9 +178,11 @@ def test_imagenet_preset_trees_equal_official():
 @pytest.mark.parametrize("case_dir", CASES, ids=IDS)
 def test_tokenizer_codes_identical(case_dir):
   data = case_data(case_dir)
-  np.testing.assert_array_equal(data["ours"]["codes"], data["tokenizer_io"]["codes"])
+  codes = data["ours"]["codes"]
+  chex.assert_shape(codes, data["tokenizer_io"]["codes"].shape)
+  chex.assert_trees_all_equal(codes, data["tokenizer_io"]["codes"])
   if data["official"] is not None:
-    np.testing.assert_array_equal(data["ours"]["codes"], data["official"]["codes"])
+    chex.assert_trees_all_equal(codes, data["official"]["codes"], strict=True)
 
 
 @pytest.mark.parametrize("key", TOKENIZER_ARRAYS)
@@ -193,7 +201,7 @@ def test_tokenizer_reconstruction_call_and_decode(case_dir):
   images = data["tokenizer_io"]["images"][:1]
   via_call = model.apply(variables, images)
   codes = model.apply(variables, images, method=VQVAE.encode_to_indices)
-  assert max_abs(via_call, model.apply(variables, codes, method=VQVAE.decode_from_indices)) == 0.0
+  chex.assert_trees_all_equal(via_call, model.apply(variables, codes, method=VQVAE.decode_from_indices))
 
 
 # Transformer -----------------------------------------------------------------------------------------------------
@@ -202,6 +210,8 @@ def test_tokenizer_reconstruction_call_and_decode(case_dir):
 def test_transformer_logits(case_dir, kind):
   data = case_data(case_dir)
   key = f"logits_{kind}"
+  chex.assert_shape(data["ours"][key], (data["transformer_io"][f"ids_{kind}"].shape[0], data["cfg"].seq_len,
+                                        data["cfg"].vocab_size))
   official = data["official"][key] if data["official"] else None
   check_close(data["ours"][key], data["transformer_io"][key], official, f"{os.path.basename(case_dir)}/{key}")
 
@@ -225,7 +235,7 @@ def test_mask_id_reads_last_embedding_row(case_dir):
   ids = data["transformer_io"]["ids_partial"]
   wrapped = np.where(ids == -1, data["cfg"].vocab_size - 1, ids)
   model, variables = Transformer(data["cfg"]), data["variables"]["transformer"]
-  assert max_abs(model.apply(variables, ids), model.apply(variables, wrapped)) == 0.0
+  chex.assert_trees_all_equal(model.apply(variables, ids), model.apply(variables, wrapped))
 
 
 def test_dropout_changes_logits_only_when_not_deterministic():
@@ -237,7 +247,8 @@ def test_dropout_changes_logits_only_when_not_deterministic():
   b = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
   c = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
   d = model.apply(variables, ids)
-  assert max_abs(a, b) == 0.0 and max_abs(a, c) > 1e-3 and max_abs(a, d) > 1e-3
+  chex.assert_trees_all_equal(a, b)
+  assert max_abs(a, c) > 1e-3 and max_abs(a, d) > 1e-3
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -246,8 +257,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   ids = jax.random.randint(jax.random.PRNGKey(3), (2, cfg.seq_len), -1, cfg.codebook_size)
   full = Transformer(cfg).apply(variables, ids)
   fast = Transformer(cfg, dtype=jnp.bfloat16).apply(variables, ids)
-  assert fast.dtype == jnp.float32 and full.dtype == jnp.float32
-  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  chex.assert_type([fast, full], jnp.float32)
+  chex.assert_type(jax.tree_util.tree_leaves(variables), jnp.float32)
   # bf16 has an 8-bit mantissa; logits of a random init are O(1), so a few 1e-2 is the expected bf16 error.
   assert 0.0 < max_abs(full, fast) < 0.1
 

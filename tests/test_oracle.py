@@ -3,7 +3,8 @@
 Random small configs (tests/test_conversion.random_config) are built with the OFFICIAL modules
 (maskgit.nets.maskgit_transformer.Transformer, maskgit.nets.vqgan_tokenizer.VQVAE, through parity_tests/oracle.py's
 runtime shims) and with ours, and compared: parameter trees (paths, shapes, dtypes, and the initial values from the
-same key), outputs at DESIGN §3 tolerances (logits, latents, reconstructions <= 1e-5; codes identical), decoding
+same key), outputs at the tolerances of docs/ARCHITECTURE.md ('Parity targets': logits, latents, reconstructions
+<= 1e-5; codes identical), decoding
 trajectories from the same key (`maskgit.libml.parallel_decode.decode` vs `maskgit_jax.sampler.decode`), and every
 mask schedule bit for bit. Weights: the official initialisation, and `random_params` (larger weights: peaked
 logits, well separated codebook rows).
@@ -12,6 +13,7 @@ logits, well separated codebook rows).
 import functools
 import importlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,7 @@ from tests.test_conversion import random_config, random_params
 _REASON = oracle.official_skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"live oracle unavailable: {_REASON}")
 
-TOL = 1e-5  # DESIGN §3, JAX vs official
+TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets', JAX vs official
 # Every official method (mask_schedule.py: uniform, cosine, log, exp, and powX for any X).
 METHODS = ("uniform", "cosine", "log", "exp", "pow1", "pow2", "pow2.5", "pow3", "pow0.5")
 # Each seed/case compiles the official and our model; the default run keeps a few, `-m slow` adds more.
@@ -48,17 +50,20 @@ def flat_tree(tree) -> dict:
   return {"/".join(k.key for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
 
 
-def max_abs(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.max(np.abs(a - b)))
-
-
 def _assert_same_tree_and_values(official, ours):
-  assert flat_tree(ours) == flat_tree(official)  # paths, shapes, dtypes
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(official)[0], jax.tree_util.tree_leaves(ours)):
-    # Same initializers and the same per-module RNG streams: the initial values are identical too.
-    assert np.array_equal(np.asarray(a), np.asarray(b)), f"initial value differs at {path}"
+  assert flat_tree(ours) == flat_tree(official)  # paths, shapes, dtypes (a readable diff on failure)
+  chex.assert_trees_all_equal_shapes_and_dtypes(ours, official)
+  # Same initializers and the same per-module RNG streams: the initial values are identical too.
+  chex.assert_trees_all_equal(ours, official, strict=True)
+
+
+def _assert_close(ours, official, what):
+  """|ours - official| <= TOL everywhere (docs/ARCHITECTURE.md, 'Parity targets'), compared in float64; NaN never
+  counts as close."""
+  chex.assert_tree_all_finite(ours)
+  chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), ours),
+                              jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), official),
+                              atol=TOL, rtol=0, custom_message=what)
 
 
 def _random_ids(config, seed, batch=3, known=0.5):
@@ -94,9 +99,8 @@ def test_transformer_tree_and_logits(seed):
   for name, variables in (("official init", official_vars),
                           ("random weights", random_params(config, "transformer", seed))):
     expected, got = apply_official(variables, ids), apply_ours(variables, ids)
-    assert got.shape == (ids.shape[0], config.seq_len, config.vocab_size)
-    diff = max_abs(got, expected)
-    assert diff <= TOL, f"{name}: logits max abs diff {diff} ({config.transformer})"
+    chex.assert_shape(got, (ids.shape[0], config.seq_len, config.vocab_size))
+    _assert_close(got, expected, f"{name}: logits ({config.transformer})")
 
 
 # Tokenizer ----------------------------------------------------------------------------------------------------
@@ -123,11 +127,11 @@ def test_tokenizer_tree_and_outputs(seed):
                                                                                                seed))):
     (q_official, r_official), (q_ours, r_ours) = encode_official(variables, images), encode_ours(variables, images)
     codes = np.asarray(r_official["encoding_indices"])
-    assert np.array_equal(np.asarray(r_ours["encoding_indices"]), codes), f"{name}: codes differ"
+    chex.assert_trees_all_equal(r_ours["encoding_indices"], codes, strict=True,
+                                custom_message=f"{name}: codes differ")
     for what, a, b in (("latents", r_ours["raw"], r_official["raw"]), ("quantized", q_ours, q_official),
                        ("reconstructions", decode_ours(variables, codes), decode_official(variables, codes))):
-      diff = max_abs(a, b)
-      assert diff <= TOL, f"{name}: {what} max abs diff {diff} ({config.tokenizer})"
+      _assert_close(a, b, f"{name}: {what} ({config.tokenizer})")
 
 
 # Schedules ----------------------------------------------------------------------------------------------------

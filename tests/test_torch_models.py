@@ -1,6 +1,7 @@
 """maskgit_torch against the official golden fixtures, loaded through `conversion` exactly as a user would.
 
-Tolerances are DESIGN §3 (torch vs official, float32): codes identical, latents/images/logits <= 1e-4.
+Tolerances are docs/ARCHITECTURE.md's 'Parity targets' (torch vs official, float32): codes identical,
+latents/images/logits <= 1e-4.
 """
 
 import json
@@ -18,6 +19,7 @@ from conversion.table import torch_shape
 from maskgit_common.msgpack_io import read_msgpack
 from maskgit_torch.tokenizer import VQVAE, upsample
 from maskgit_torch.transformer import Transformer, gelu
+from parity_tests.intermediates import capture_torch
 from tests import helpers
 
 TOL = 1e-4
@@ -87,11 +89,16 @@ def test_transformer_logits(case, ids):
   assert diff <= TOL, f"logits_{ids}: max abs diff {diff}"
 
 
+def _intermediates(transformer, ids):
+  """(logits, {official module path: output}) through forward hooks keyed by the conversion table."""
+  return capture_torch(transformer, param_table(transformer.config, "transformer"), lambda: transformer(ids))
+
+
 @torch.inference_mode()
 def test_transformer_intermediates(case):
   case_dir, config, _, transformer = case
   inter = _npz(case_dir, "transformer_intermediates.npz")
-  logits, record = transformer(torch.from_numpy(inter["ids_row0"]), return_intermediates=True)
+  logits, record = _intermediates(transformer, torch.from_numpy(inter["ids_row0"]))
   expected_keys = set(inter) - {"ids_row0"}  # ids_row0 is the fixture's input, not a module output
   assert expected_keys <= set(record), sorted(expected_keys - set(record))
   # Every layer is captured, under the official module paths.
@@ -124,7 +131,7 @@ def test_fast_mode_bf16_autocast(case):
   case_dir, _, tokenizer, transformer = case
   io = _npz(case_dir, "transformer_io.npz")
   with torch.autocast("cpu", dtype=torch.bfloat16):
-    logits, record = transformer(torch.from_numpy(io["ids_partial"]), return_intermediates=True)
+    logits, record = _intermediates(transformer, torch.from_numpy(io["ids_partial"]))
     images = tokenizer.decode_from_indices(torch.from_numpy(_npz(case_dir, "tokenizer_io.npz")["codes"]))
   assert logits.dtype == torch.float32 and images.dtype == torch.float32
   assert record["TransformerLayer_0/Mlp_0/intermediate_output"].dtype == torch.bfloat16  # autocast did apply
@@ -143,7 +150,7 @@ import maskgit_torch, maskgit_torch.tokenizer, maskgit_torch.transformer, maskgi
 from conversion.convert import convert
 from maskgit_common import msgpack_io
 convert({case_dir!r}, {str(tmp_path / 'out')!r}, to="torch")
-config, tokenizer, transformer = maskgit_torch.load_checkpoint_dir({str(tmp_path / 'out')!r})
+config, tokenizer, transformer = maskgit_torch.checkpoint.load_checkpoint_dir({str(tmp_path / 'out')!r})
 assert tokenizer is not None and transformer is not None
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "jaxlib"))
 print(bad)
