@@ -39,8 +39,8 @@ def write_random_official(config, directory: str, seed: int = 0) -> None:
   1 + N(0, 0.1^2), biases N(0, 0.1^2), codebook N(0, 1).
   """
   import numpy as np
-  from conversion.table import param_table
-  from maskgit_common.msgpack_io import unflatten, write_msgpack
+  from conversion import param_table, unflatten
+  from conversion.formats.flax_msgpack import write_msgpack
   rng = np.random.default_rng(seed)
   for which in WHICH:
     flat = {}
@@ -62,10 +62,10 @@ def write_random_official(config, directory: str, seed: int = 0) -> None:
 
 def _child_convert(src: str, dst: str, to: str) -> None:
   """Runs in a fresh process: import, then time one conversion; prints JSON."""
-  from conversion.convert import convert
+  from conversion import convert
   baseline = _peak_rss_bytes()
   start = time.perf_counter()
-  convert(src, dst, to=to)
+  convert(src, dst, to=to, overwrite=True)  # replaces only a checkpoint this project wrote (an earlier run's)
   seconds = time.perf_counter() - start
   print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "rss_after_imports": baseline}))
 
@@ -78,10 +78,11 @@ def _child_logits(torch_dir: str, jax_dir: str) -> None:
   import numpy as np
   import torch
   torch.backends.cuda.matmul.allow_tf32 = False
-  from maskgit_jax.checkpoint import load_msgpack_params
+  from maskgit_jax import checkpoint as jax_checkpoint
   from maskgit_jax.transformer import Transformer as JaxTransformer
-  from maskgit_torch.checkpoint import load_checkpoint_dir
-  config, _, model = load_checkpoint_dir(torch_dir)
+  from maskgit_torch import checkpoint as torch_checkpoint
+  config, models = torch_checkpoint.load_checkpoint(torch_dir, parts=("transformer",))
+  model = models["transformer"]
   rng = np.random.default_rng(0)
   k, batch = config.tokenizer.codebook_size, 2
   ids = rng.integers(0, k, (batch, config.seq_len)).astype(np.int32)
@@ -89,7 +90,7 @@ def _child_logits(torch_dir: str, jax_dir: str) -> None:
   ids[:, 1:][rng.random((batch, config.seq_len - 1)) < 0.5] = -1
   with torch.inference_mode():
     torch_logits = model(torch.from_numpy(ids).long()).numpy()
-  variables = load_msgpack_params(os.path.join(jax_dir, "transformer.msgpack"))
+  variables = jax_checkpoint.load_checkpoint(jax_dir, parts=("transformer",))[1]["transformer"]
   jax_logits = np.asarray(jax.jit(lambda v, x: JaxTransformer(config).apply(v, x, deterministic=True))(variables, ids))
   diff = float(np.max(np.abs(torch_logits.astype(np.float64) - jax_logits)))
   print(json.dumps({"logits_max_abs_diff": diff, "logits_std": float(jax_logits.std()),
@@ -113,12 +114,10 @@ def main() -> None:
     {"convert": _child_convert, "logits": _child_logits}[args.child[0]](*args.child[1:])
     return
   from configs.presets import get_preset
-  from maskgit_common.training import sha256_file
+  from maskgit_common.fileio import sha256_file
   config = get_preset("imagenet_256")
   work = args.workdir or tempfile.mkdtemp(prefix="maskgit_convert_bench_")
   official, torch_dir, jax_dir = (os.path.join(work, d) for d in ("official", "torch", "jax"))
-  for d in (torch_dir, jax_dir):
-    shutil.rmtree(d, ignore_errors=True)
   os.makedirs(official, exist_ok=True)
   try:
     start = time.perf_counter()
