@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from configs import PRESETS, MaskGITConfig
 from conversion import formats
 from conversion.checks import check_config, message
-from conversion.errors import CheckpointError, ConversionError
+from conversion.errors import CheckpointError, CheckpointFormatError, ConversionError
 from conversion.formats.common import CONFIG_FILE, PASS_CONFIG, materialize, read_config, read_config_file
 from conversion.infer import infer_config
 from conversion.tables import PARTS
@@ -76,15 +76,24 @@ def _open(path: str, config):
   return config or file_config, fmt, paths, parts, extras
 
 
-def _load_all(parts: Mapping, paths: Mapping, errors: list) -> dict:
+def _load_all(parts: Mapping, errors: list) -> dict:
   """Materialises every part, collecting unreadable files into `errors` instead of stopping at the first."""
   loaded = {}
   for part, value in parts.items():
     try:
       loaded[part] = materialize(value)
     except ConversionError as e:  # an unreadable file, or torch keys that do not fit the config
-      errors.append(str(e))
+      errors.append(e)
   return loaded
+
+
+def _raise_all(errors: list) -> None:
+  """One error holding every problem; a lone error keeps its own type (e.g. CheckpointFormatError)."""
+  if len(errors) == 1 and isinstance(errors[0], Exception):
+    raise errors[0]
+  if errors:
+    kind = CheckpointFormatError if all(isinstance(e, CheckpointFormatError) for e in errors) else ConversionError
+    raise kind("\n".join(str(e) for e in errors))
 
 
 def _missing(path: str, fmt, present: Sequence[str], required: Sequence[str]) -> CheckpointError | None:
@@ -116,15 +125,15 @@ def read(path: str, config=None, *, parts: Sequence[str] | None = None, require:
     raise error
   wanted = {p: v for p, v in lazy.items() if parts is None or p in parts}
   errors = []
-  loaded = _load_all(lazy if config is None else wanted, paths, errors)
-  if errors:
-    raise ConversionError("\n".join(errors))
+  loaded = _load_all(lazy if config is None else wanted, errors)
   if config is None:
+    _raise_all(errors)  # the shapes of every part decide the config
     config = infer_config(loaded.get("tokenizer"), loaded.get("transformer"))
   if overrides:
     config = config.with_overrides(list(overrides))
-  loaded = {p: loaded[p] for p in PARTS if p in wanted}
-  check_config(config, loaded, layout="jax", sources=paths)
+  loaded = {p: loaded[p] for p in PARTS if p in wanted and p in loaded}
+  errors += [m for p, flat in loaded.items() if (m := message(config, p, flat, "jax", paths[p]))]
+  _raise_all(errors)
   return Checkpoint(config, loaded, fmt.NAME, {p: paths[p] for p in loaded}, extras)
 
 
@@ -152,7 +161,7 @@ def _checked_loader(config, part: str, value, path: str, errors: list):
     try:
       flat = materialize(value)
     except ConversionError as e:  # an unreadable file, or torch keys that do not fit the config
-      errors.append(str(e))
+      errors.append(e)
       return {}
     problem = message(config, part, flat, "jax", path)
     if problem or errors:
@@ -177,16 +186,14 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
   config, fmt, paths, lazy, extras = _open(src, resolve_config(config))
   errors = []
   if config is None:  # the shapes decide: every part is read now (and reused below)
-    lazy = _load_all(lazy, paths, errors)
-    if errors:
-      raise ConversionError("\n".join(errors))
+    lazy = _load_all(lazy, errors)
+    _raise_all(errors)
     config = infer_config(lazy.get("tokenizer"), lazy.get("transformer"))
   removed = fileio.remove_stale_temporaries(dst)
   loaders = {p: _checked_loader(config, p, lazy.pop(p), paths[p], errors) for p in PARTS if p in lazy}
   with fileio.atomic_directory(dst, overwrite=overwrite, protect=(src, *paths.values())) as tmp:
     writer.write(tmp, config, loaders, extras)
-    if errors:
-      raise ConversionError("\n".join(errors))  # inside the block: the temporary goes, dst stays as it was
+    _raise_all(errors)  # inside the block: the temporary goes, dst stays as it was
   return Converted(config, fmt.NAME, tuple(loaders), dst, removed)
 
 

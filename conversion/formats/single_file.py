@@ -38,7 +38,8 @@ def _part(keys, path: str) -> str:
 
 
 def read(path: str, config=None):
-  if sniff(path) == "safetensors":
+  kind = sniff(path)
+  if kind == "safetensors" or (kind == "unknown" and path.endswith(".safetensors")):
     state = read_safetensors(path)
     part = _part(state, path)
     if config is None:
