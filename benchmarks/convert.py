@@ -1,12 +1,13 @@
 """Conversion benchmark: the full ImageNet-256 MaskGIT (official msgpack layout) -> torch -> JAX.
 
-    nice -n 10 python benchmarks/convert.py [--workdir DIR] [--keep]
+    nice -n 10 python benchmarks/convert.py [--workdir DIR] [--keep] [--preset imagenet_256]
 
 Builds a randomly initialised ImageNet-256 checkpoint pair (shapes from `conversion.param_table`, numpy random,
 kernels N(0, 1/fan_in)) in the official msgpack layout, then converts official -> torch and torch -> JAX, each in a
 fresh subprocess so the time and peak RSS (getrusage ru_maxrss) are that conversion's alone. Prints both against the
 checkpoint size, whether the round trip is bit-exact (file bytes), and torch vs JAX logits on a small CPU batch
-(DESIGN §3: <= 1e-4). Targets (issue 4): under 60 s per direction on 2 CPU cores, peak RSS under 3x the checkpoint.
+(<= 1e-4, the torch parity bound of docs/ARCHITECTURE.md). Targets (issue 4): under 60 s per direction on 2 CPU
+cores, peak RSS under 3x the checkpoint.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
   parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
+  parser.add_argument("--preset", default="imagenet_256", help="model size (tiny: a functional check in seconds)")
   parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -115,7 +117,7 @@ def main() -> None:
     return
   from configs.presets import get_preset
   from maskgit_common.fileio import sha256_file
-  config = get_preset("imagenet_256")
+  config = get_preset(args.preset)
   work = args.workdir or tempfile.mkdtemp(prefix="maskgit_convert_bench_")
   official, torch_dir, jax_dir = (os.path.join(work, d) for d in ("official", "torch", "jax"))
   os.makedirs(official, exist_ok=True)

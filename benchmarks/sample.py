@@ -233,7 +233,8 @@ class TorchRunner:
     modules = {}
     for w, v in variables.items():  # the JAX init, converted to torch as a user would
       modules[w] = checkpoint.make_model(config, w).eval()
-      modules[w].load_state_dict(checkpoint.from_flat(config, w, conversion.flatten({"params": numpy_tree(v["params"])})))
+      flat = conversion.flatten({"params": numpy_tree(v["params"])})
+      modules[w].load_state_dict(checkpoint.from_flat(config, w, flat))
     self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision,
                                   torch_compile=FLAGS.torch_compile_mode if compiled else False)
     self.cuda = self.model.device.type == "cuda"

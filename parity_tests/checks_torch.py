@@ -1,7 +1,8 @@
 """PyTorch side of the parity runner: `maskgit_torch` behind the numpy-in / numpy-out adapter of `checks.py`.
 
 Imported only for `--backend torch|both`, and never imports jax. The case's official msgpack checkpoints are loaded
-exactly as a user would: `conversion.read` -> `maskgit_torch.checkpoint.from_flat` -> `load_state_dict(strict=True)`. Latents, reconstructions and logits must be within 1e-4 of the official code
+exactly as a user would: `conversion.read` -> `maskgit_torch.checkpoint.from_flat` ->
+`load_state_dict(strict=True)`. Latents, reconstructions and logits must be within 1e-4 of the official code
 (DESIGN §3); codes, schedules and tokens identical, the decode driven by the recorded official draws.
 Also holds `conversion.roundtrip`: official msgpack -> torch state_dict -> canonical weights, every leaf bit-identical.
 """
@@ -132,7 +133,7 @@ class TorchCase:
 
 
 def conversion_roundtrip(case):
-  """Official msgpack -> torch state_dict -> canonical weights (`maskgit_torch.checkpoint`): every leaf bit-identical."""
+  """Official msgpack -> torch state_dict -> canonical weights (maskgit_torch.checkpoint): every leaf bit-identical."""
   checkpoint = _module("maskgit_torch.checkpoint")
   notes, passed, max_diff = [], True, 0.0
   for which in WHICH:

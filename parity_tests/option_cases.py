@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from maskgit_common import fileio
 from parity_tests.case import Case
 
 FIELDS = ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "step_masking", "step_state_after")
@@ -105,11 +106,11 @@ def main(argv=None) -> None:
            "generated_by": "maskgit_jax.sampler.decode_with_config (parity_tests/option_cases.py)", "options": {}}
   for option in OPTIONS:
     overrides = sampler_overrides(option, case.config)
-    np.savez_compressed(os.path.join(args.out, f"{option}.npz"), **jax_decode(case, overrides))
+    arrays = jax_decode(case, overrides)
+    fileio.atomic_write(os.path.join(args.out, f"{option}.npz"), lambda f, a=arrays: np.savez_compressed(f, **a))
     index["options"][option] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     print(f"wrote {option}.npz {overrides}")
-  with open(os.path.join(args.out, "cases.json"), "w") as f:
-    json.dump(index, f, indent=1)
+  fileio.atomic_write_text(os.path.join(args.out, "cases.json"), json.dumps(index, indent=1))
 
 
 if __name__ == "__main__":

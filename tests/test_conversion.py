@@ -4,7 +4,8 @@
   * config inference from official shapes, and a disagreeing config refused with the field named;
   * damaged checkpoints (renamed / missing / extra / mis-shaped parameters, truncated or non-msgpack files) fail with
     ONE error listing every problem, and the destination is never touched;
-  * property tests: random small configs with random weights, torch vs JAX within DESIGN §3 (<= 1e-4).
+  * property tests: random small configs with random weights, torch vs JAX within the torch parity bound
+    (<= 1e-4, docs/ARCHITECTURE.md, "Numerics").
 
 `random_config` / `random_params` are reused by tests/test_oracle.py.
 """
@@ -36,7 +37,8 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = helpers.golden_cases()
 IDS = [os.path.basename(c) for c in CASES]
-TOL = 1e-4  # DESIGN §3, torch vs official (and so torch vs our JAX, which is within 1e-5 of the official)
+# torch vs official (docs/ARCHITECTURE.md, "Numerics"), and so torch vs our JAX (within 1e-5 of the official)
+TOL = 1e-4
 WHICH = ("tokenizer", "transformer")
 
 
