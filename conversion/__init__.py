@@ -15,7 +15,7 @@ them (`conversion.formats`). Backends import this package, never the reverse: `m
 """
 
 from conversion.api import Checkpoint, Converted, convert, read, resolve_config, write
-from conversion.checks import check, check_config
+from conversion.checks import check, check_config, compare
 from conversion.errors import CheckpointError, CheckpointFormatError, ConversionError
 from conversion.formats import FORMATS
 from conversion.infer import infer_config, match_presets
@@ -26,7 +26,7 @@ from conversion.tree import as_flat, flatten, unflatten
 
 __all__ = [
     "Checkpoint", "CheckpointError", "CheckpointFormatError", "ConversionError", "Converted", "FORMATS", "PARTS",
-    "Rule", "TABLES", "TRANSFORMS", "Transform", "as_flat", "check", "check_config", "convert", "flatten",
+    "Rule", "TABLES", "TRANSFORMS", "Transform", "as_flat", "check", "check_config", "compare", "convert", "flatten",
     "from_torch_layout", "infer_config", "match_presets", "ordered", "param_table", "read", "resolve_config",
     "to_jax", "to_torch", "to_torch_layout", "torch_shape", "unflatten", "write",
 ]

@@ -37,6 +37,19 @@ def _floating(value) -> bool:
   return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
+def compare(expected: Mapping[str, tuple], got: Mapping) -> list[str]:
+  """Every missing, unexpected, mis-shaped and non-floating entry of `got` against {key: expected shape}, in the one
+  message format (for weights without a table too, e.g. a feature extractor's state dict)."""
+  shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
+  problems = [f"missing: {k} (expected shape {s})" for k, s in expected.items() if k not in shapes]
+  problems += [f"unexpected: {k} (shape {s})" for k, s in shapes.items() if k not in expected]
+  problems += [f"wrong shape: {k}: got {shapes[k]}, expected {s}" for k, s in expected.items()
+               if k in shapes and shapes[k] != s]
+  problems += [f"wrong dtype: {k}: got {getattr(got[k], 'dtype', type(got[k]).__name__)}, expected a floating "
+               f"point type" for k in expected if k in got and not _floating(got[k])]
+  return problems
+
+
 def check(config, part: str, flat: Mapping, layout: str = "jax") -> list[str]:
   """Every missing, unexpected, mis-shaped and non-floating entry of `flat` for this config (empty: it fits).
 
@@ -47,14 +60,7 @@ def check(config, part: str, flat: Mapping, layout: str = "jax") -> list[str]:
   rules = param_table(config, part)
   expected = ({r.jax_path: tuple(r.shape) for r in rules} if layout == "jax"
               else {r.torch_key: torch_shape(r) for r in rules})
-  got = {k: tuple(np.shape(v)) for k, v in flat.items()}
-  problems = [f"missing: {k} (expected shape {s})" for k, s in expected.items() if k not in got]
-  problems += [f"unexpected: {k} (shape {s})" for k, s in got.items() if k not in expected]
-  problems += [f"wrong shape: {k}: got {got[k]}, expected {s}" for k, s in expected.items()
-               if k in got and got[k] != s]
-  problems += [f"wrong dtype: {k}: got {getattr(flat[k], 'dtype', type(flat[k]).__name__)}, expected a floating "
-               f"point type" for k in expected if k in flat and not _floating(flat[k])]
-  return problems
+  return compare(expected, flat)
 
 
 def differences(config, part: str, flat: Mapping) -> list[str]:

@@ -9,7 +9,7 @@ and adversarial terms of the full VQGAN recipe are off (their pretrained weights
 
 Workdir layout (the same in maskgit_jax/train_tokenizer.py):
   tokenizer/                          portable checkpoint (DESIGN §4): config.json + tokenizer.safetensors, read by
-                                      checkpoint.load_checkpoint_dir, the transformer trainer and `conversion`
+                                      checkpoint.load_checkpoint, the transformer trainer and `conversion`
   tokenizer_train/checkpoints/ckpt_N/ resumable state (weights, Adam moments; step in the manifest), last N kept
   tokenizer_train/metrics.jsonl       losses, codebook usage, lr, speed (+ a TensorBoard event file beside it)
   tokenizer_train/reconstructions.png originals above their reconstructions after training

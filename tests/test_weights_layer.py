@@ -100,7 +100,7 @@ def test_torch_layout_round_trip_is_bit_exact_and_consumes():
 def test_table_registry_selects_by_arch_and_refuses_unknown_archs():
   config = imagenet_256()
   assert conversion.tables.arch(config, "transformer") == "maskgit"  # the default when the schema has no field
-  assert conversion.TABLES[("transformer", "maskgit")].rules(config)
+  assert conversion.TABLES[("transformer", "maskgit")].rules(config, "transformer")
   fake = type("Section", (), {"arch": "no_such_family"})()
   with pytest.raises(ValueError, match="no_such_family"):
     conversion.param_table(type("Cfg", (), {"transformer": fake})(), "transformer")

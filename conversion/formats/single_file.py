@@ -11,6 +11,7 @@ import os
 from conversion.errors import ConversionError
 from conversion.formats.common import PASS_CONFIG
 from conversion.formats.flax_msgpack import read_msgpack
+from conversion.formats.official_dir import RELEASED
 from conversion.formats.safetensors_numpy import read_safetensors
 from conversion.formats.sniff import sniff
 from conversion.layout import from_torch_layout
@@ -19,13 +20,18 @@ from conversion.tree import as_flat
 
 NAME = "file"
 DESCRIPTION = "one weights file (a flax msgpack / released *_checkpoint file, or a .safetensors with torch keys)"
-# Damaged or unrecognised files are claimed too, so the codec's message says what is wrong with them; PyTorch
-# pickles are left to a format that reads them (or to the registry's message).
-_CLAIMS = ("safetensors", "msgpack", "empty", "unknown")
+def _named_like_weights(path: str) -> bool:
+  name = os.path.basename(path)
+  return name.endswith((".msgpack", ".safetensors")) or any(p.match(name) for p in RELEASED.values())
 
 
 def detect(path: str) -> dict | None:
-  return {"file": path} if os.path.isfile(path) and sniff(path) in _CLAIMS else None
+  """Files that are msgpack or safetensors; damaged ones too when their name says so, so the codec's message says
+  what is wrong with them. PyTorch pickles and other files are left to the formats that read them."""
+  if not os.path.isfile(path):
+    return None
+  kind = sniff(path)
+  return {"file": path} if kind in ("safetensors", "msgpack") or _named_like_weights(path) else None
 
 
 def _part(keys, path: str) -> str:

@@ -1,9 +1,10 @@
 """The table registry: which parameter table a config's tokenizer and transformer use.
 
-A model family's table is one module (`official.py` here) with a function config -> list[Rule] per part, and,
+A model family's table is one module (`official.py` here) with a function (config, part) -> list[Rule], and,
 optionally, the config fields its shapes imply (for config inference and for naming a wrong field) and a test of
 which part a bare file holds. It is registered with one line in `TABLES`, keyed by (part, arch); the arch is
-`config.<part>.arch` ("maskgit" when the schema has no such field).
+`config.<part>.arch` ("maskgit" when the schema has no such field). Another family, e.g.:
+  TABLES[("transformer", "seed")] = TABLES[("tokenizer", "taming")] = Table(seed_table.param_table)
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ DEFAULT_ARCH = "maskgit"
 
 
 class Table(NamedTuple):
-  rules: Callable  # config -> list[Rule], any order (param_table sorts)
+  rules: Callable  # (config, part) -> list[Rule], any order (param_table sorts)
   fields: Callable[[Mapping], dict] | None = None  # flat flax tree -> the config fields its shapes imply
   holds: Callable[[set], bool] | None = None  # top-level names of a file's keys -> does it hold this part?
 
 
 TABLES: dict[tuple[str, str], Table] = {
-    ("tokenizer", "maskgit"): Table(official.tokenizer_rules, official.tokenizer_fields, official.holds_tokenizer),
-    ("transformer", "maskgit"): Table(official.transformer_rules, official.transformer_fields,
-                                      official.holds_transformer),
+    ("tokenizer", "maskgit"): Table(official.rules, official.tokenizer_fields, official.holds_tokenizer),
+    ("transformer", "maskgit"): Table(official.rules, official.transformer_fields, official.holds_transformer),
 }
 
 
@@ -51,7 +51,7 @@ def table(config, part: str) -> Table:
 def param_table(config, part: str) -> list[Rule]:
   """Every parameter of `part` for this config, in flax's serialization order (dict keys sorted at every level,
   which the full path sort reproduces), so a tree built in this order writes the same bytes as flax."""
-  return sorted(table(config, part).rules(config), key=lambda r: r.jax_path.split("/"))
+  return sorted(table(config, part).rules(config, part), key=lambda r: r.jax_path.split("/"))
 
 
 def part_of(keys) -> str | None:

@@ -105,6 +105,10 @@ def transformer_rules(config) -> list[Rule]:
   return rules
 
 
+def rules(config, part: str) -> list[Rule]:
+  return tokenizer_rules(config) if part == "tokenizer" else transformer_rules(config)
+
+
 # Which part a bare file holds, from its top-level names ------------------------------------------------------------
 def holds_tokenizer(roots: set) -> bool:
   return roots <= {"encoder", "decoder", "quantizer"}
