@@ -15,7 +15,7 @@ from configs import PRESETS, MaskGITConfig
 from conversion import formats
 from conversion.checks import check_config, message
 from conversion.errors import CheckpointError, CheckpointFormatError, ConversionError
-from conversion.formats.common import CONFIG_FILE, PASS_CONFIG, materialize, read_config, read_config_file
+from conversion.formats.common import CONFIG_FILE, materialize, read_config, read_config_file
 from conversion.infer import infer_config
 from conversion.tables import PARTS
 from conversion.tree import as_flat
@@ -196,5 +196,3 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
     _raise_all(errors)  # inside the block: the temporary goes, dst stays as it was
   return Converted(config, fmt.NAME, tuple(loaders), dst, removed)
 
-
-__all__ = ["Checkpoint", "Converted", "convert", "read", "resolve_config", "write", "PASS_CONFIG"]

@@ -2,6 +2,9 @@
 
 from maskgit_common.errors import UserError
 
+# What every message that needs a config asks for: the CLI flag first, the Python argument second.
+PASS_CONFIG = "pass --config PRESET_OR_JSON (config= in Python)"
+
 
 class CheckpointError(UserError, ValueError):
   """A checkpoint is missing, unreadable, ambiguous, lacks a model or does not fit its config."""

@@ -16,11 +16,9 @@ from typing import Mapping
 
 from configs import PRESETS, ConfigError, MaskGITConfig, TokenizerConfig, TransformerConfig
 from conversion.checks import check, check_config
-from conversion.errors import ConversionError
+from conversion.errors import PASS_CONFIG, ConversionError
 from conversion.tables import DEFAULT_ARCH, TABLES
 from conversion.tree import as_flat
-
-PASS_CONFIG = "pass --config PRESET_OR_JSON (config= in Python)"
 
 
 def match_presets(part: str, flat: Mapping) -> list[str]:

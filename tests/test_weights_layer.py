@@ -50,6 +50,17 @@ def test_every_conversion_module_imports_without_torch_or_jax():
   assert done.returncode == 0, done.stderr
 
 
+def test_the_jax_backend_reads_torch_checkpoints_without_torch():
+  """A torch checkpoint directory loads into the JAX backend through the weights layer, torch never imported."""
+  code = ("import sys\nfrom maskgit_jax import checkpoint\n"
+          f"config, variables = checkpoint.load_checkpoint({os.path.join(ROOT, 'demo', 'checkpoint')!r})\n"
+          "assert set(variables) == {'tokenizer', 'transformer'}\n"
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\nassert not bad, bad")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert done.returncode == 0, done.stderr
+
+
 def test_conversion_never_imports_a_backend():
   """Backends import the weights layer, never the reverse (the old conversion -> maskgit_torch cycle)."""
   for path in glob.glob(os.path.join(ROOT, "conversion", "**", "*.py"), recursive=True):

@@ -9,7 +9,6 @@ from configs import ConfigError, MaskGITConfig
 from conversion.errors import ConversionError
 
 CONFIG_FILE = "config.json"
-PASS_CONFIG = "pass --config PRESET_OR_JSON (config= in Python)"
 
 
 def _json_kind(path: str) -> str:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-from conversion.errors import ConversionError
-from conversion.formats.common import PASS_CONFIG
+from conversion.errors import PASS_CONFIG, ConversionError
 from conversion.formats.flax_msgpack import read_msgpack
 from conversion.formats.official_dir import RELEASED
 from conversion.formats.safetensors_numpy import read_safetensors

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from conversion.errors import ConversionError
-from conversion.formats.common import CONFIG_FILE, PASS_CONFIG, materialize, read_config
+from conversion.errors import PASS_CONFIG, ConversionError
+from conversion.formats.common import CONFIG_FILE, materialize, read_config
 from conversion.formats.safetensors_numpy import read_safetensors, write_safetensors
 from conversion.layout import from_torch_layout, to_torch_layout
 
