@@ -4,7 +4,7 @@
 
 Builds a randomly initialised ImageNet-256 checkpoint pair (shapes from `conversion.param_table`, numpy random,
 kernels N(0, 1/fan_in)) in the official msgpack layout, then converts official -> torch and torch -> JAX, each in a
-fresh subprocess so the time and peak RSS (getrusage ru_maxrss) are that conversion's alone. Prints both against the
+fresh subprocess so the time and peak RSS (VmHWM) are that conversion's alone. Prints both against the
 checkpoint size, whether the round trip is bit-exact (file bytes), and torch vs JAX logits on a small CPU batch
 (<= 1e-4, the torch parity bound of docs/ARCHITECTURE.md). Targets (issue 4): under 60 s per direction on 2 CPU
 cores, peak RSS under 3x the checkpoint.
@@ -28,7 +28,13 @@ WHICH = ("tokenizer", "transformer")
 
 
 def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+  """This program's peak RSS. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not: it keeps the
+  forked parent's resident size (here the parent has just written the whole random checkpoint)."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # kB
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def write_random_official(config, directory: str, seed: int = 0) -> None:

@@ -48,10 +48,14 @@ def _numpy(t) -> np.ndarray:
   return t.numpy()
 
 
-def from_flat(config: MaskGITConfig, part: str, flat: dict, *, consume: bool = False) -> dict:
-  """Canonical weights -> torch state_dict {key: CPU tensor}; ConversionError listing every mismatch."""
+def _state_dict(config: MaskGITConfig, part: str, flat: dict, consume: bool) -> dict:
   state = conversion.to_torch_layout(config, part, flat, consume=consume)
-  return {k: _tensor(v) for k, v in state.items()}
+  return {k: _tensor(state.pop(k)) for k in list(state)}
+
+
+def from_flat(config: MaskGITConfig, part: str, flat: dict) -> dict:
+  """Canonical weights -> torch state_dict {key: CPU tensor}; ConversionError listing every mismatch."""
+  return _state_dict(config, part, flat, consume=False)
 
 
 def to_flat(config: MaskGITConfig, part: str, weights) -> dict:
@@ -60,11 +64,12 @@ def to_flat(config: MaskGITConfig, part: str, weights) -> dict:
   return conversion.from_torch_layout(config, part, {k: _numpy(v) for k, v in state.items()})
 
 
-def _module_from_flat(config: MaskGITConfig, part: str, flat: dict, *, consume: bool = False) -> nn.Module:
-  """Canonical weights -> the part's module in eval mode (no random init: built on meta, weights assigned)."""
+def _module_from_flat(config: MaskGITConfig, part: str, flat: dict) -> nn.Module:
+  """Canonical weights (consumed: one copy in memory) -> the part's module in eval mode; no random init (built on
+  the meta device, the weights assigned)."""
   with torch.device("meta"):
     module = make_model(config, part)
-  module.load_state_dict(from_flat(config, part, flat, consume=consume), strict=True, assign=True)
+  module.load_state_dict(_state_dict(config, part, flat, consume=True), strict=True, assign=True)
   return module.eval()
 
 
@@ -75,7 +80,7 @@ def load_checkpoint(path: str, config=None, *, parts: Sequence[str] = PARTS, ove
   Every part in `parts` must be present (CheckpointError naming the missing model otherwise).
   """
   checkpoint = conversion.read(path, config, parts=parts, require=parts, overrides=overrides)
-  modules = {p: _module_from_flat(checkpoint.config, p, checkpoint.parts.pop(p), consume=True).to(device)
+  modules = {p: _module_from_flat(checkpoint.config, p, checkpoint.parts.pop(p)).to(device)
              for p in list(checkpoint.parts)}
   return checkpoint.config, modules
 
