@@ -182,13 +182,13 @@ def cmd_convert() -> None:
   for name in ("src", "dst", "to"):
     if not getattr(FLAGS, name):
       raise UsageError(f"convert needs --{name}")
-  from conversion import convert  # the submodule
+  import conversion
   config = None
   if FLAGS.config:
     import configs
     config = configs.resolve(FLAGS.config).with_overrides(FLAGS.set)
-  out = convert.convert(FLAGS.src, FLAGS.dst, to=FLAGS.to, config=config, overwrite=FLAGS.overwrite)
-  print(f"wrote {FLAGS.dst}: {FLAGS.to} checkpoint of {out.name} ({out.image_size}px, {out.num_class} classes)")
+  out = conversion.convert(FLAGS.src, FLAGS.dst, to=FLAGS.to, config=config, overwrite=FLAGS.overwrite)
+  print(out.summary(FLAGS.to))
 
 
 def cmd_parity() -> int:

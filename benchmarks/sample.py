@@ -227,11 +227,14 @@ class TorchRunner:
 
   def __init__(self, config, variables, precision: str, compiled: bool = False):
     import torch  # pylint: disable=import-outside-toplevel
-    from maskgit_common.msgpack_io import flatten  # pylint: disable=import-outside-toplevel
-    from maskgit_torch import pipeline  # pylint: disable=import-outside-toplevel
+    import conversion  # pylint: disable=import-outside-toplevel
+    from maskgit_torch import checkpoint, pipeline  # pylint: disable=import-outside-toplevel
     self.torch, self.config = torch, config
-    modules = pipeline._modules_from_weights(  # pylint: disable=protected-access
-        config, "jax", {w: flatten({"params": numpy_tree(v["params"])}) for w, v in variables.items()})
+    modules = {}
+    for w, v in variables.items():  # the JAX init, converted to torch as a user would
+      modules[w] = checkpoint.make_model(config, w).eval()
+      flat = conversion.flatten({"params": numpy_tree(v["params"])})
+      modules[w].load_state_dict(checkpoint.from_flat(config, w, flat))
     self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision,
                                   torch_compile=FLAGS.torch_compile_mode if compiled else False)
     self.cuda = self.model.device.type == "cuda"

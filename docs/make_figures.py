@@ -17,6 +17,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # runnable from a plain clone
+
+from maskgit_common import fileio  # pylint: disable=wrong-import-position
+
 OUT = os.path.join(REPO, "docs", "images")
 DEMO = os.path.join(REPO, "demo")
 
@@ -68,7 +72,7 @@ def line_plot(curves, path: str, title: str, reference: tuple[str, float] | None
   for i, (label, steps, values, colour) in enumerate(curves):
     draw.line([to_px(x, y) for x, y in zip(steps, values)], fill=colour, width=2)
     draw.text((left + 8, height - bottom - 18 - 14 * i), label, fill=colour)  # legend at the bottom left
-  image.save(path)
+  fileio.atomic_write(path, lambda f: image.save(f, format="PNG"))
   print(f"wrote {path}")
 
 
@@ -83,7 +87,7 @@ def main() -> None:
   from maskgit_common.images import to_uint8  # pylint: disable=import-outside-toplevel
   source = os.path.join(OUT, "inpaint_input.png")
   image, _ = synthetic_image(1, 32)  # a square
-  Image.fromarray(to_uint8(image)).save(source)
+  fileio.atomic_write(source, lambda f: Image.fromarray(to_uint8(image)).save(f, format="PNG"))
   run("edit", "--checkpoint", checkpoint, "--image", source, "--box", "8,8,16,16", "--class", "0", "--seed", "3",
       "--out", os.path.join(OUT, "inpaint.png"))
   run("edit", "--checkpoint", checkpoint, "--image", source, "--extend", "0,0,0,16", "--class", "1", "--seed", "3",

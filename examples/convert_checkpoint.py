@@ -4,7 +4,7 @@
 
 Writes DIR/jax (config.json + tokenizer.msgpack + transformer.msgpack, the layout of the released MaskGIT
 checkpoints) and DIR/torch (the round trip), then checks that every tensor of the round trip is bit-identical to
-the original and that every msgpack array is the original tensor under the transform `conversion/table.py` names.
+the original and that every msgpack array is the original tensor under the transform `conversion/tables` names.
 """
 
 import argparse
@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import safetensors.numpy  # pylint: disable=wrong-import-position
 
 from configs import MaskGITConfig  # pylint: disable=wrong-import-position
-from conversion import convert, table  # pylint: disable=wrong-import-position
-from maskgit_common import msgpack_io  # pylint: disable=wrong-import-position
+import conversion  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +37,8 @@ def main(argv=None) -> dict:
   out = args.out or tempfile.mkdtemp(prefix="maskgit_convert_")
   jax_dir, torch_dir = os.path.join(out, "jax"), os.path.join(out, "torch")
 
-  convert.convert(args.checkpoint, jax_dir, to="jax", overwrite=True)  # torch -> official msgpack layout
-  convert.convert(jax_dir, torch_dir, to="torch", overwrite=True)  # and back
+  conversion.convert(args.checkpoint, jax_dir, to="jax", overwrite=True)  # torch -> official msgpack layout
+  conversion.convert(jax_dir, torch_dir, to="torch", overwrite=True)  # and back
   config = MaskGITConfig.load(os.path.join(args.checkpoint, "config.json"))
 
   counts = {}
@@ -49,14 +48,14 @@ def main(argv=None) -> dict:
       continue
     original = safetensors.numpy.load_file(src)
     back = safetensors.numpy.load_file(os.path.join(torch_dir, f"{which}.safetensors"))
-    official = msgpack_io.flatten(msgpack_io.read_msgpack(os.path.join(jax_dir, f"{which}.msgpack")))
+    official = conversion.read(jax_dir, parts=(which,)).parts[which]
     assert set(back) == set(original), f"{which}: the round trip changed the tensor names"
-    for rule in table.param_table(config, which):
+    for rule in conversion.param_table(config, which):
       x = original[rule.torch_key]
       # Bit identity: same dtype, same shape, same bytes (array_equal alone would accept -0.0 == 0.0).
       y = back[rule.torch_key]
       assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), rule.torch_key
-      assert official[rule.jax_path].tobytes() == table.to_jax(rule, x).tobytes(), rule.jax_path
+      assert official[rule.jax_path].tobytes() == conversion.to_jax(rule, x).tobytes(), rule.jax_path
     counts[which] = len(original)
     params = sum(v.size for v in original.values())
     print(f"{which:11s} {len(original):4d} tensors, {params:>10,d} parameters: {_mb(src)} safetensors -> "

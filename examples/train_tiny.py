@@ -21,8 +21,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 
 from configs import MaskGITConfig  # pylint: disable=wrong-import-position
-from conversion import convert  # pylint: disable=wrong-import-position
+import conversion  # pylint: disable=wrong-import-position
 from maskgit_jax import pipeline as jax_pipeline, train as jax_train  # pylint: disable=wrong-import-position
+from maskgit_torch import checkpoint as torch_checkpoint  # pylint: disable=wrong-import-position
 from maskgit_torch import pipeline as torch_pipeline, train as torch_train  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,7 @@ def main(argv=None) -> dict:
       "train.warmup_steps": min(5, args.steps), "train.checkpoint_every_steps": args.steps,
       "train.log_every_steps": max(1, args.steps // 5), "train.precision": "parity"})
   params = jax_train.initial_params(config, config.train.seed)
-  same_init = {k: torch.as_tensor(np.asarray(v)) for k, v in
-               convert.jax_to_torch({"params": jax.device_get(params)}, config, "transformer").items()}
+  same_init = torch_checkpoint.from_flat(config, "transformer", conversion.flatten({"params": jax.device_get(params)}))
 
   common = {"tokenizer": args.checkpoint, "num_synthetic": args.num_synthetic, "progress": False}
   runs = {"torch": torch_train.train(config, os.path.join(workdir, "torch"), init_state_dict=same_init, **common),
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
   logits_diff = {}
   for name, other in (("torch", "jax"), ("jax", "torch")):
     exported, converted = runs[name]["export"], os.path.join(workdir, f"{name}_export_as_{other}")
-    convert.convert(exported, converted, to=other, overwrite=True)
+    conversion.convert(exported, converted, to=other, overwrite=True)
     mine, theirs = PIPELINES[name].from_checkpoint(exported), PIPELINES[other].from_checkpoint(converted)
     logits_diff[name] = float(np.abs(logits(mine, ids) - logits(theirs, ids)).max())
     print(f"{name} export -> {other} layout ({converted}): {other} logits differ by {logits_diff[name]:.2e}")

@@ -232,11 +232,14 @@ def with_class_names(config):
 
 def write_synthetic_folder(path: str, first: int, count: int, image_size: int = 32) -> str:
   """Writes synthetic images first..first+count-1 as PNGs in one folder (e.g. held-out references for eval)."""
+  from maskgit_common import fileio  # pylint: disable=import-outside-toplevel
   from maskgit_common.images import to_uint8  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
   for index in range(first, first + count):
     image, label = synthetic_image(index, image_size)
-    Image.fromarray(to_uint8(image)).save(os.path.join(path, f"{index:06d}_{SYNTHETIC_CLASSES[label]}.png"))
+    png = Image.fromarray(to_uint8(image))
+    fileio.atomic_write(os.path.join(path, f"{index:06d}_{SYNTHETIC_CLASSES[label]}.png"),
+                        lambda f, png=png: png.save(f, format="PNG"))
   return path
 
 

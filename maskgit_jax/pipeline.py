@@ -59,22 +59,14 @@ class MaskGIT:
   @classmethod
   def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
                       precision: str = "parity") -> "MaskGIT":
-    """Our checkpoint directory (JAX msgpack, or torch safetensors converted on the fly) or an official pair.
+    """Any checkpoint `conversion.read` accepts (our JAX or torch directory, the official files as released, ...).
 
     `overrides` ("sampler.num_iter=12", ...) apply to the loaded config; overriding a model field that changes a
-    parameter shape fails with the list of mismatched parameters.
+    parameter shape fails with the list of mismatched parameters. A checkpoint without both models is a
+    CheckpointError naming the missing one.
     """
-    config, tokenizer_variables, transformer_variables = checkpoint.load_checkpoint_dir(path)
-    if overrides:
-      new = config.with_overrides(overrides)
-      for which, variables in (("tokenizer", tokenizer_variables), ("transformer", transformer_variables)):
-        problems = [] if variables is None else checkpoint.compare_trees(
-            variables, checkpoint.expected_shapes(new, which))
-        if problems:
-          raise checkpoint.CheckpointError(f"the overrides {list(overrides)} do not fit the {which} weights in "
-                                           f"{path}:\n  " + "\n  ".join(problems))
-      config = new
-    return cls(config, tokenizer_variables, transformer_variables, device=device, precision=precision)
+    config, variables = checkpoint.load_checkpoint(path, overrides=overrides)
+    return cls(config, variables["tokenizer"], variables["transformer"], device=device, precision=precision)
 
   # Small helpers --------------------------------------------------------------------------------------------------
   def class_names(self, labels: Sequence[int]) -> list[str]:

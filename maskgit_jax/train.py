@@ -38,9 +38,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import conversion
 from configs import MaskGITConfig
 from maskgit_common import data as data_lib
-from maskgit_common import msgpack_io
 from maskgit_common import token_cache as token_cache_lib
 from maskgit_common import training
 from maskgit_jax import checkpoint as checkpoint_lib
@@ -125,32 +125,14 @@ def make_train_step(config: MaskGITConfig, deterministic: bool = False):
 def load_tokenizer_params(config: MaskGITConfig, path: str | None) -> tuple[dict, bool]:
   """({"params": ...}, trained) from a tokenizer checkpoint; randomly initialised (seed train.seed) without one.
 
-  `path`: a checkpoint directory holding tokenizer.msgpack (JAX export / official layout) or tokenizer.safetensors
-  (torch export, converted through conversion.table, no torch needed), or one such file.
+  `path`: any checkpoint `conversion.read` accepts that holds a tokenizer (a JAX or torch export directory, the
+  official files, or one weights file; no torch needed), checked against `config`.
   """
   if path is None:
     init = jax.jit(lambda key: checkpoint_lib.init_variables(config, "tokenizer", key))
     return init(jax.random.PRNGKey(config.train.seed)), False
-  if os.path.isdir(path):
-    for name in ("tokenizer.msgpack", "tokenizer.safetensors"):
-      if os.path.isfile(os.path.join(path, name)):
-        path = os.path.join(path, name)
-        break
-    else:
-      raise FileNotFoundError(f"tokenizer directory {path} holds neither tokenizer.msgpack nor "
-                              f"tokenizer.safetensors")
-  if path.endswith(".safetensors"):
-    import safetensors.numpy  # pylint: disable=import-outside-toplevel
-    from conversion import table  # numpy only  # pylint: disable=import-outside-toplevel
-    state = safetensors.numpy.load_file(path)
-    rules = table.param_table(config, "tokenizer")
-    missing = [r.torch_key for r in rules if r.torch_key not in state]
-    if missing or len(state) != len(rules):
-      raise ValueError(f"{path}: not a tokenizer for this config (missing {missing[:5]}, {len(state)} tensors, "
-                       f"expected {len(rules)})")
-    flat = {r.jax_path: table.to_jax(r, state[r.torch_key]) for r in rules}
-    return {"params": msgpack_io.unflatten(flat)["params"]}, True
-  return checkpoint_lib.load_msgpack_params(path, checkpoint_lib.expected_shapes(config, "tokenizer")), True
+  _, variables = checkpoint_lib.load_checkpoint(path, config, parts=("tokenizer",))
+  return variables["tokenizer"], True
 
 
 def open_token_cache(config: MaskGITConfig, workdir: str, tokenizer: str | None = None,
@@ -163,7 +145,7 @@ def open_token_cache(config: MaskGITConfig, workdir: str, tokenizer: str | None 
     return token_cache_lib.TokenCache(config.data.token_cache, config), None
   path = config.data.token_cache or os.path.join(workdir, "tokens")
   variables, trained = load_tokenizer_params(config, training.find_tokenizer(workdir, tokenizer))
-  weights_hash = "jax:" + token_cache_lib.weights_hash(msgpack_io.flatten(variables))
+  weights_hash = "jax:" + token_cache_lib.weights_hash(conversion.flatten(variables))
   if os.path.exists(os.path.join(path, "index.json")):
     return token_cache_lib.TokenCache(path, config, weights_hash), variables
   if jax.process_index() == 0:
@@ -210,16 +192,9 @@ def export(workdir: str, config: MaskGITConfig, state, tokenizer_variables) -> s
   directory is assembled beside its destination and swapped in whole.
   """
   params = state["ema_params"] if config.train.polyak_decay > 0 else state["params"]
-
-  def write(directory):
-    checkpoint_lib.save_msgpack_params(os.path.join(directory, "transformer.msgpack"),
-                                       {"params": jax.device_get(params)})
-    if tokenizer_variables is not None:
-      checkpoint_lib.save_msgpack_params(os.path.join(directory, "tokenizer.msgpack"),
-                                         {"params": jax.device_get(tokenizer_variables["params"])})
-    data_lib.with_class_names(config).save(os.path.join(directory, "config.json"))
-
-  return training.publish_dir(os.path.join(workdir, training.EXPORT_DIR), write)
+  models = {"transformer": {"params": params}, "tokenizer": tokenizer_variables}
+  return checkpoint_lib.save_checkpoint(os.path.join(workdir, training.EXPORT_DIR), data_lib.with_class_names(config),
+                                        models, overwrite=True)
 
 
 def _checkpointer() -> ocp.Checkpointer:

@@ -154,11 +154,7 @@ def restore_state(checkpoints: training.CheckpointDir, template: TrainState) -> 
 def export_tokenizer(export_dir: str, config: MaskGITConfig, params) -> str:
   """Portable checkpoint directory: config.json + tokenizer.msgpack (flax `to_bytes({"params"})`, official layout)."""
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-
-  def write(tmp):
-    checkpoint_lib.save_msgpack_params(os.path.join(tmp, WEIGHTS_FILE), {"params": params})
-    config.save(os.path.join(tmp, "config.json"))
-  return training.publish_dir(export_dir, write)
+  return checkpoint_lib.save_checkpoint(export_dir, config, {"tokenizer": {"params": params}}, overwrite=True)
 
 
 # Evaluation -----------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ decoder, plus the options the config's sampler section turns on.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from typing import Sequence
 
@@ -23,19 +22,6 @@ from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
 PRECISIONS = ("parity", "fast")
-
-
-def _modules_from_weights(config: MaskGITConfig, layout: str, weights: dict) -> dict:
-  """{which: torch module} from flat weights of either layout (official/JAX weights go through the table)."""
-  from conversion import convert  # pylint: disable=import-outside-toplevel
-  modules = {}
-  for which, flat in weights.items():
-    state = convert.jax_to_torch(flat, config, which) if layout == "jax" else flat
-    with torch.device("meta"):
-      module = VQVAE(config) if which == "tokenizer" else Transformer(config)
-    module.load_state_dict(state, strict=True, assign=True)
-    modules[which] = module.eval()
-  return modules
 
 
 class MaskGIT:
@@ -71,29 +57,14 @@ class MaskGIT:
   @classmethod
   def from_checkpoint(cls, path: str, overrides: Sequence[str] = (), device: str = "auto",
                       precision: str = "parity", torch_compile: bool | str = False) -> "MaskGIT":
-    """Our checkpoint directory (torch safetensors, or JAX msgpack converted on the fly) or an official pair.
+    """Any checkpoint `conversion.read` accepts (our torch or JAX directory, the official files as released, ...).
 
     `overrides` ("sampler.num_iter=12", ...) apply to the loaded config; overriding a model field that changes a
-    parameter shape fails with the list of mismatched parameters.
+    parameter shape fails with the list of mismatched parameters. A checkpoint without both models is a
+    CheckpointError naming the missing one.
     """
-    if not os.path.exists(path):
-      raise checkpoint.CheckpointError(f"checkpoint {path} does not exist")
-    torch_dir = os.path.isdir(path) and os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) and any(
-        os.path.isfile(os.path.join(path, f)) for f in checkpoint.WEIGHT_FILES.values())
-    if torch_dir:
-      config, tokenizer, transformer = checkpoint.load_checkpoint_dir(path)
-      modules = {"tokenizer": tokenizer, "transformer": transformer}
-      if overrides:
-        config = _override(config, overrides, {w: m.state_dict() for w, m in modules.items() if m is not None})
-    else:
-      from conversion import convert  # pylint: disable=import-outside-toplevel
-      config, layout, weights = convert.read_checkpoint(path)
-      if overrides:
-        config = _override(config, overrides, weights)
-      modules = _modules_from_weights(config, layout, weights)
-    if modules.get("tokenizer") is None:
-      raise checkpoint.CheckpointError(f"{path} holds no tokenizer: a pipeline needs one to make images")
-    return cls(config, modules["tokenizer"], modules.get("transformer"), device=device, precision=precision,
+    config, modules = checkpoint.load_checkpoint(path, overrides=overrides)
+    return cls(config, modules["tokenizer"], modules["transformer"], device=device, precision=precision,
                torch_compile=torch_compile)
 
   # Small helpers --------------------------------------------------------------------------------------------------
@@ -191,16 +162,6 @@ class MaskGIT:
                                 start_iter)
     edited, tokens = self._images_from_output(out)
     return (edited, tokens, out) if return_output else (edited, tokens)
-
-
-def _override(config: MaskGITConfig, overrides: Sequence[str], weights: dict) -> MaskGITConfig:
-  """Applies overrides; model-shaped fields must still match the loaded weights (one error listing all)."""
-  from conversion import convert  # pylint: disable=import-outside-toplevel
-  new = config.with_overrides(overrides)
-  if (new.tokenizer, new.transformer, new.image_size, new.num_class) != (
-      config.tokenizer, config.transformer, config.image_size, config.num_class):
-    convert.check_config(new, weights)
-  return new
 
 
 def _check_images(images: np.ndarray, size: int) -> np.ndarray:

@@ -164,33 +164,16 @@ def _load_state(directory: str, model, optimizer, ema: EMA | None, device) -> No
 def load_tokenizer(config: MaskGITConfig, path: str | None, device) -> tuple[VQVAE, bool]:
   """(tokenizer, trained) from a tokenizer checkpoint; randomly initialised (seed train.seed) without one.
 
-  `path`: a checkpoint directory holding tokenizer.safetensors (torch export) or tokenizer.msgpack (JAX export or
-  official layout, converted with conversion.convert), or one such file.
+  `path`: any checkpoint `conversion.read` accepts that holds a tokenizer (a torch or JAX export directory, the
+  official files, or one weights file), checked against `config`.
   """
   if path is None:
     with torch.random.fork_rng(devices=[]):
       torch.manual_seed(config.train.seed)
       return VQVAE(config).to(device).eval(), False
-  if os.path.isdir(path):
-    for name in ("tokenizer.safetensors", "tokenizer.msgpack"):
-      if os.path.isfile(os.path.join(path, name)):
-        path = os.path.join(path, name)
-        break
-    else:
-      raise FileNotFoundError(f"tokenizer directory {path} holds neither tokenizer.safetensors nor "
-                              f"tokenizer.msgpack")
-  if path.endswith(".safetensors"):
-    from maskgit_torch import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-    state = checkpoint_lib.read_state_dict(path)
-    checkpoint_lib.check_state_dict(config, "tokenizer", state, path)
-  else:
-    from conversion import convert  # pylint: disable=import-outside-toplevel
-    from maskgit_common import msgpack_io  # pylint: disable=import-outside-toplevel
-    state = {k: torch.as_tensor(v) for k, v in
-             convert.jax_to_torch(msgpack_io.read_msgpack(path), config, "tokenizer").items()}
-  tokenizer = VQVAE(config)
-  tokenizer.load_state_dict(state)
-  return tokenizer.to(device).eval(), True
+  from maskgit_torch import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  _, models = checkpoint_lib.load_checkpoint(path, config, parts=("tokenizer",), device=device)
+  return models["tokenizer"], True
 
 
 def open_token_cache(config: MaskGITConfig, workdir: str, tokenizer: str | None, device, rank: int = 0,
@@ -250,8 +233,8 @@ def export(workdir: str, config: MaskGITConfig, model, ema: EMA | None, tokenize
     weights.update({k: v.detach().cpu() for k, v in ema.params.items()})
   tokenizer_state = None if tokenizer is None else {k: v.cpu() for k, v in tokenizer.state_dict().items()}
   out = os.path.join(workdir, training.EXPORT_DIR)
-  checkpoint_lib.save_checkpoint_dir(out, data_lib.with_class_names(config), tokenizer_state, weights,
-                                     overwrite=True)
+  checkpoint_lib.save_checkpoint(out, data_lib.with_class_names(config),
+                                 {"tokenizer": tokenizer_state, "transformer": weights}, overwrite=True)
   return out
 
 

@@ -9,7 +9,7 @@ and adversarial terms of the full VQGAN recipe are off (their pretrained weights
 
 Workdir layout (the same in maskgit_jax/train_tokenizer.py):
   tokenizer/                          portable checkpoint (DESIGN §4): config.json + tokenizer.safetensors, read by
-                                      checkpoint.load_checkpoint_dir, the transformer trainer and `conversion`
+                                      checkpoint.load_checkpoint, the transformer trainer and `conversion`
   tokenizer_train/checkpoints/ckpt_N/ resumable state (weights, Adam moments; step in the manifest), last N kept
   tokenizer_train/metrics.jsonl       losses, codebook usage, lr, speed (+ a TensorBoard event file beside it)
   tokenizer_train/reconstructions.png originals above their reconstructions after training
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+import conversion
 from configs import MaskGITConfig
 from maskgit_common import data as data_lib
 from maskgit_common import tokenizer_losses as common
@@ -53,7 +54,7 @@ def init_model(config: MaskGITConfig, seed: int, state_dict=None, device="cpu") 
     torch.manual_seed(seed)
     model = VQVAE(config)
   if state_dict is not None:
-    checkpoint_lib.check_state_dict(config, "tokenizer", state_dict)
+    conversion.check_config(config, {"tokenizer": state_dict}, layout="torch")
     model.load_state_dict(state_dict)
   return model.to(device).train()
 
@@ -165,7 +166,7 @@ def restore_state(checkpoints: training.CheckpointDir, model: VQVAE, optimizer: 
 
 def export_tokenizer(export_dir: str, config: MaskGITConfig, model: VQVAE) -> str:
   """Portable checkpoint directory: config.json + tokenizer.safetensors (maskgit_torch.checkpoint)."""
-  checkpoint_lib.save_checkpoint_dir(export_dir, config, tokenizer=model, overwrite=True)
+  checkpoint_lib.save_checkpoint(export_dir, config, {"tokenizer": model}, overwrite=True)
   return export_dir
 
 

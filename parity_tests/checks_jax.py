@@ -92,10 +92,9 @@ class JaxCase:
   def variables(self, which):
     if which not in self._variables:
       checkpoint = _module("checkpoint")
-      # The official file must restore with no renaming: its tree is compared leaf by leaf with our modules'.
-      expected = (checkpoint.expected_shapes(self.case.config, which)
-                  if hasattr(checkpoint, "expected_shapes") else None)
-      variables = checkpoint.load_msgpack_params(self.case.file(f"{which}.msgpack"), expected_tree=expected)
+      # The official file must restore with no renaming: every leaf is checked against the official table.
+      _, loaded = checkpoint.load_checkpoint(self.case.file(f"{which}.msgpack"), self.case.config, parts=(which,))
+      variables = loaded[which]
       self._variables[which] = jax.device_put(variables, self.device)
     return self._variables[which]
 

@@ -1,11 +1,11 @@
 """PyTorch side of the parity runner: `maskgit_torch` behind the numpy-in / numpy-out adapter of `checks.py`.
 
 Imported only for `--backend torch|both`, and never imports jax. The case's official msgpack checkpoints are loaded
-exactly as a user would: `maskgit_common.msgpack_io.read_msgpack` -> `conversion.jax_to_torch` ->
+exactly as a user would: `conversion.read` -> `maskgit_torch.checkpoint.from_flat` ->
 `load_state_dict(strict=True)`. Latents, reconstructions and logits must be within 1e-4 of the official code
 (docs/ARCHITECTURE.md, 'Parity targets'); codes, schedules and tokens identical, the decode driven by the recorded
 official draws.
-Also holds `conversion.roundtrip`: official msgpack -> torch state_dict -> JAX tree, every leaf bit-identical.
+Also holds `conversion.roundtrip`: official msgpack -> torch state_dict -> canonical weights, every leaf bit-identical.
 """
 
 import importlib
@@ -13,7 +13,6 @@ import importlib
 import numpy as np
 import torch
 
-from maskgit_common import msgpack_io
 from maskgit_torch import device as device_lib
 from parity_tests import intermediates
 from parity_tests.case import result
@@ -61,9 +60,8 @@ class Session:
 
 def official_state_dict(case, which):
   """The case's official `<which>.msgpack` as a torch state_dict, through `conversion` as a user would."""
-  convert = _module("conversion.convert")
-  flat = msgpack_io.flatten(msgpack_io.read_msgpack(case.file(f"{which}.msgpack")))
-  return convert.jax_to_torch(flat, case.config, which)
+  flat = _module("conversion").read(case.file(f"{which}.msgpack"), case.config).parts[which]
+  return _module("maskgit_torch.checkpoint").from_flat(case.config, which, flat)
 
 
 class TorchCase:
@@ -111,7 +109,7 @@ class TorchCase:
   @torch.inference_mode()
   def intermediates(self, ids):
     model, ids = self.model("transformer"), self._tensor(ids, integer=True)
-    rules = _module("conversion.table").param_table(self.case.config, "transformer")
+    rules = _module("conversion").param_table(self.case.config, "transformer")
     _, record = intermediates.capture_torch(model, rules, lambda: model(ids))
     return {k: self._numpy(v) for k, v in record.items()}
 
@@ -140,15 +138,12 @@ class TorchCase:
 
 
 def conversion_roundtrip(case):
-  """Official msgpack -> `conversion.jax_to_torch` -> `conversion.torch_to_jax`: every leaf bit-identical."""
-  convert = _module("conversion.convert")
+  """Official msgpack -> torch state_dict -> canonical weights (maskgit_torch.checkpoint): every leaf bit-identical."""
+  checkpoint = _module("maskgit_torch.checkpoint")
   notes, passed, max_diff = [], True, 0.0
   for which in WHICH:
-    official = msgpack_io.flatten(msgpack_io.read_msgpack(case.file(f"{which}.msgpack")))
-    back = convert.torch_to_jax(convert.jax_to_torch(official, case.config, which), case.config, which)
-    if any(isinstance(v, dict) for v in back.values()):
-      back = msgpack_io.flatten(back)
-    back = {k: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in back.items()}
+    official = _module("conversion").read(case.file(f"{which}.msgpack"), case.config).parts[which]
+    back = checkpoint.to_flat(case.config, which, checkpoint.from_flat(case.config, which, official))
     missing, unexpected = sorted(set(official) - set(back)), sorted(set(back) - set(official))
     bad = [k for k in official if k in back and not _bit_identical(official[k], back[k])]
     for k in official:

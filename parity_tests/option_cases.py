@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from maskgit_common import fileio
 from parity_tests.case import Case
 
 FIELDS = ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "step_masking", "step_state_after")
@@ -66,8 +67,8 @@ def jax_decode(case: Case, overrides: dict) -> dict:
   from maskgit_jax import checkpoint, sampler, transformer  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_default_matmul_precision", "highest")
   config = with_option(case.config, overrides)
-  variables = checkpoint.load_msgpack_params(case.file("transformer.msgpack"),
-                                             checkpoint.expected_shapes(config, "transformer"))
+  variables = checkpoint.load_checkpoint(case.file("transformer.msgpack"), config, parts=("transformer",))[1][
+      "transformer"]
   model, k = transformer.Transformer(config), config.codebook_size
   logits = jax.jit(lambda ids: model.apply(variables, ids, deterministic=True)[..., :k])
   init_ids, g_sample, g_choice, num_iter = decode_inputs(case)
@@ -79,15 +80,10 @@ def jax_decode(case: Case, overrides: dict) -> dict:
 
 def torch_decode(case: Case, overrides: dict) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
-  from conversion import convert  # pylint: disable=import-outside-toplevel
-  from maskgit_common import msgpack_io  # pylint: disable=import-outside-toplevel
-  from maskgit_torch import sampler  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import checkpoint, sampler  # pylint: disable=import-outside-toplevel
   config = with_option(case.config, overrides)
-  model = Transformer(config)
-  flat = msgpack_io.flatten(msgpack_io.read_msgpack(case.file("transformer.msgpack")))
-  model.load_state_dict(convert.jax_to_torch(flat, config, "transformer"), strict=True)
-  model.eval()
+  model = checkpoint.load_checkpoint(case.file("transformer.msgpack"), config, parts=("transformer",))[1][
+      "transformer"]
   k = config.codebook_size
   init_ids, g_sample, g_choice, num_iter = decode_inputs(case)
   with torch.inference_mode():
@@ -110,11 +106,11 @@ def main(argv=None) -> None:
            "generated_by": "maskgit_jax.sampler.decode_with_config (parity_tests/option_cases.py)", "options": {}}
   for option in OPTIONS:
     overrides = sampler_overrides(option, case.config)
-    np.savez_compressed(os.path.join(args.out, f"{option}.npz"), **jax_decode(case, overrides))
+    arrays = jax_decode(case, overrides)
+    fileio.atomic_write(os.path.join(args.out, f"{option}.npz"), lambda f, a=arrays: np.savez_compressed(f, **a))
     index["options"][option] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     print(f"wrote {option}.npz {overrides}")
-  with open(os.path.join(args.out, "cases.json"), "w") as f:
-    json.dump(index, f, indent=1)
+  fileio.atomic_write_text(os.path.join(args.out, "cases.json"), json.dumps(index, indent=1))
 
 
 if __name__ == "__main__":

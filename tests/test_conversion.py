@@ -4,7 +4,8 @@
   * config inference from official shapes, and a disagreeing config refused with the field named;
   * damaged checkpoints (renamed / missing / extra / mis-shaped parameters, truncated or non-msgpack files) fail with
     ONE error listing every problem, and the destination is never touched;
-  * property tests: random small configs with random weights, torch vs JAX within DESIGN §3 (<= 1e-4).
+  * property tests: random small configs with random weights, torch vs JAX within the torch parity bound
+    (<= 1e-4, docs/ARCHITECTURE.md, "Numerics").
 
 `random_config` / `random_params` are reused by tests/test_oracle.py.
 """
@@ -21,13 +22,14 @@ import pytest
 import safetensors.torch
 import torch
 
+import conversion
 from configs import MaskGITConfig, SamplerConfig, TokenizerConfig, TransformerConfig
-from conversion.convert import ConversionError, check_config, convert, infer_config, jax_to_torch, torch_to_jax
-from conversion.table import param_table, torch_shape
-from maskgit_common.msgpack_io import flatten, read_msgpack, unflatten, write_msgpack
+from conversion import (ConversionError, as_flat, check_config, convert, flatten, infer_config, param_table,
+                        torch_shape, unflatten)
+from conversion.formats.flax_msgpack import read_msgpack, write_msgpack
 from maskgit_jax.tokenizer import VQVAE as JaxVQVAE
 from maskgit_jax.transformer import Transformer as JaxTransformer
-from maskgit_torch.checkpoint import load_checkpoint_dir
+from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch.tokenizer import VQVAE as TorchVQVAE
 from maskgit_torch.transformer import Transformer as TorchTransformer
 from tests import helpers
@@ -35,7 +37,8 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = helpers.golden_cases()
 IDS = [os.path.basename(c) for c in CASES]
-TOL = 1e-4  # DESIGN §3, torch vs official (and so torch vs our JAX, which is within 1e-5 of the official)
+# torch vs official (docs/ARCHITECTURE.md, "Numerics"), and so torch vs our JAX (within 1e-5 of the official)
+TOL = 1e-4
 WHICH = ("tokenizer", "transformer")
 
 
@@ -93,6 +96,22 @@ def max_abs(a, b) -> float:
   b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
   assert a.shape == b.shape, (a.shape, b.shape)
   return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def jax_to_torch(tree, config, which):
+  """A flax tree (nested or flat) -> torch state dict, the way the torch backend loads canonical weights."""
+  return torch_checkpoint.from_flat(config, which, as_flat(tree))
+
+
+def torch_to_jax(state, config, which):
+  return unflatten(torch_checkpoint.to_flat(config, which, state))
+
+
+def load_checkpoint_dir(path):
+  """(config, tokenizer module or None, transformer module or None) of a torch checkpoint directory."""
+  checkpoint = conversion.read(path)
+  config, modules = torch_checkpoint.load_checkpoint(path, parts=tuple(checkpoint.parts))
+  return config, modules.get("tokenizer"), modules.get("transformer")
 
 
 def _run_convert(*args, expect_rc=0):
@@ -184,7 +203,7 @@ def test_raw_safetensors_input(tmp_path):
     dst = tmp_path / f"out_{which}"
     convert(str(raw), str(dst), to="jax", config=str(config_path))
     assert _read_bytes(dst / f"{which}.msgpack") == _read_bytes(os.path.join(case_dir, f"{which}.msgpack"))
-    with pytest.raises(ConversionError, match="pass config="):
+    with pytest.raises(ConversionError, match="pass --config"):
       convert(str(raw), str(tmp_path / f"none_{which}"), to="jax")
     assert not (tmp_path / f"none_{which}").exists()
   # torch -> torch through a raw file is also a plain copy of the weights.

@@ -22,7 +22,8 @@ def checkpoint(tmp_path_factory):
   config = get_preset("tiny").with_overrides(["num_class=3", "transformer.num_layers=1", "sampler.num_iter=4"])
   torch.manual_seed(1)
   path = str(tmp_path_factory.mktemp("eval") / "ckpt")
-  torch_checkpoint.save_checkpoint_dir(path, config, VQVAE(config), Transformer(config))
+  torch_checkpoint.save_checkpoint(path, config,
+                                 {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
   return config, path
 
 

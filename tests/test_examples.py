@@ -16,7 +16,7 @@ import safetensors.numpy
 from PIL import Image
 
 from configs import get_preset
-from conversion import table
+import conversion
 from maskgit_common import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +43,13 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  from maskgit_torch.checkpoint import save_checkpoint_dir  # pylint: disable=import-outside-toplevel
+  from maskgit_torch.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
   from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
   from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   torch.manual_seed(0)
   path = str(tmp_path_factory.mktemp("examples") / "checkpoint")
-  save_checkpoint_dir(path, config, VQVAE(config), Transformer(config))
+  save_checkpoint(path, config, {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
   return path
 
 
@@ -65,7 +65,7 @@ def test_convert_checkpoint_round_trip_is_bit_identical_from_a_plain_shell(check
   for which in ("tokenizer", "transformer"):
     original = safetensors.numpy.load_file(os.path.join(checkpoint, f"{which}.safetensors"))
     back = safetensors.numpy.load_file(os.path.join(tmp_path, "torch", f"{which}.safetensors"))
-    assert len(original) == len(table.param_table(config, which)) == len(back)
+    assert len(original) == len(conversion.param_table(config, which)) == len(back)
     for key, value in original.items():
       assert back[key].dtype == value.dtype and back[key].tobytes() == value.tobytes(), key
     assert os.path.getsize(os.path.join(tmp_path, "jax", f"{which}.msgpack")) > 0

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from configs import imagenet_256, imagenet_512, tiny
-from maskgit_jax.checkpoint import (CheckpointError, compare_trees, expected_shapes, init_variables,
-                                    load_msgpack_params, save_msgpack_params)
+import conversion
+from maskgit_jax.checkpoint import CheckpointError, expected_shapes, init_variables, load_checkpoint, save_checkpoint
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 from parity_tests import oracle
@@ -82,9 +82,7 @@ def case_data(case_dir):
   npz = lambda name: dict(np.load(os.path.join(case_dir, name)))
   data = dict(cfg=cfg, tokenizer_io=npz("tokenizer_io.npz"), transformer_io=npz("transformer_io.npz"),
               intermediates=npz("transformer_intermediates.npz"))
-  data["variables"] = {which: load_msgpack_params(os.path.join(case_dir, f"{which}.msgpack"),
-                                                  expected_shapes(cfg, which))
-                       for which in ("tokenizer", "transformer")}
+  data["variables"] = load_checkpoint(case_dir, cfg)[1]  # every leaf checked against the official table
   ours = _tokenizer_outputs(VQVAE(cfg), data["variables"]["tokenizer"], data["tokenizer_io"], official=False)
   ours.update(_transformer_outputs(Transformer(cfg), data["variables"]["transformer"], data["transformer_io"],
                                    data["intermediates"]))
@@ -135,7 +133,7 @@ def test_param_trees_equal_official(case_dir):
   assert set(official) == {"tokenizer.msgpack", "transformer.msgpack"}
   for which in ("tokenizer", "transformer"):
     assert flat_shapes(expected_shapes(cfg, which)) == official[f"{which}.msgpack"], which
-    # And the loaded file holds exactly that tree (load_msgpack_params also checked it).
+    # And the loaded file holds exactly that tree (load_checkpoint also checked it).
     assert flat_shapes(case_data(case_dir)["variables"][which]) == official[f"{which}.msgpack"]
 
 
@@ -276,26 +274,27 @@ def test_checkpoint_of_another_config_lists_every_mismatch(case_dir):
   cfg = golden_config(case_dir)
   tok = os.path.join(case_dir, "tokenizer.msgpack")
   with pytest.raises(CheckpointError) as e:
-    load_msgpack_params(tok, expected_shapes(_other_config(cfg, "tokenizer"), "tokenizer"))
+    load_checkpoint(tok, _other_config(cfg, "tokenizer"), parts=("tokenizer",))
   k, dim = cfg.codebook_size, cfg.tokenizer.embedding_dim
   assert tok in str(e.value)
-  assert f"params/quantizer/codebook: file has {(k, dim)}, expected {(2 * k, dim)}" in str(e.value)
+  assert f"wrong shape: params/quantizer/codebook: got {(k, dim)}, expected {(2 * k, dim)}" in str(e.value)
 
   tr = os.path.join(case_dir, "transformer.msgpack")
   with pytest.raises(CheckpointError) as e:
-    load_msgpack_params(tr, expected_tree=expected_shapes(_other_config(cfg, "transformer"), "transformer"))
+    load_checkpoint(tr, _other_config(cfg, "transformer"), parts=("transformer",))
   message, v = str(e.value), cfg.vocab_size
   assert tr in message
-  assert f"params/MlmLayer_0/mlm_bias/bias: file has {(v,)}, expected {(v + 1,)}" in message
-  assert (f"params/Embed_0/word_embeddings/embedding: file has {(v, cfg.transformer.num_embeds)}, "
+  assert f"wrong shape: params/MlmLayer_0/mlm_bias/bias: got {(v,)}, expected {(v + 1,)}" in message
+  assert (f"wrong shape: params/Embed_0/word_embeddings/embedding: got {(v, cfg.transformer.num_embeds)}, "
           f"expected {(v + 1, cfg.transformer.num_embeds)}") in message
-  missing = f"missing    params/TransformerLayer_{cfg.transformer.num_layers}/Attention_0/self_attention/query/kernel"
+  missing = f"missing: params/TransformerLayer_{cfg.transformer.num_layers}/Attention_0/self_attention/query/kernel"
   assert missing in message
   assert message.count("\n") >= 16  # one line per problem: 2 shapes + 16 leaves of the extra layer
 
 
 @pytest.mark.parametrize("case_dir", CASES[:1], ids=IDS[:1])
 def test_truncated_and_foreign_files_raise_checkpoint_error(case_dir, tmp_path):
+  cfg = golden_config(case_dir)
   with open(os.path.join(case_dir, "transformer.msgpack"), "rb") as f:
     data = f.read()
   files = {"half.msgpack": data[:len(data) // 2], "short.msgpack": data[:-7], "text.msgpack": b"not a checkpoint\n",
@@ -306,20 +305,24 @@ def test_truncated_and_foreign_files_raise_checkpoint_error(case_dir, tmp_path):
     with open(path, "wb") as f:
       f.write(content)
     with pytest.raises(CheckpointError, match=re.escape(path)):
-      load_msgpack_params(path)
-  with pytest.raises(CheckpointError, match="not found"):
-    load_msgpack_params(str(tmp_path / "missing.msgpack"))
+      load_checkpoint(path, cfg, parts=("transformer",))
+  with pytest.raises(CheckpointError, match="does not exist"):
+    load_checkpoint(str(tmp_path / "missing.msgpack"), cfg)
 
 
 def test_save_is_flax_to_bytes_and_round_trips(tmp_path):
+  """save_checkpoint writes flax `to_bytes` of the variables in flax's canonical (sorted, as after jit or
+  device_get) key order, the order of the released checkpoints."""
   cfg = tiny()
   variables = init_variables(cfg, "transformer", jax.random.PRNGKey(5))
-  path = str(tmp_path / "sub" / "transformer.msgpack")
-  save_msgpack_params(path, variables)
-  with open(path, "rb") as f:
-    assert f.read() == flax.serialization.to_bytes(variables)
-  assert os.listdir(tmp_path / "sub") == ["transformer.msgpack"]  # no temp file left behind
-  loaded = load_msgpack_params(path, expected_shapes(cfg, "transformer"))
-  assert compare_trees(loaded, variables) == []
-  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(variables)):
+  directory = str(tmp_path / "sub")
+  save_checkpoint(directory, cfg, {"transformer": variables})
+  with open(os.path.join(directory, "transformer.msgpack"), "rb") as f:
+    assert f.read() == flax.serialization.to_bytes(jax.device_get(variables))
+  assert sorted(os.listdir(tmp_path)) == ["sub"]  # no temporary left behind
+  assert sorted(os.listdir(directory)) == ["config.json", "manifest.json", "transformer.msgpack"]
+  config, loaded = load_checkpoint(directory, parts=("transformer",))
+  assert config == cfg
+  assert conversion.check(cfg, "transformer", conversion.flatten(loaded["transformer"])) == []
+  for a, b in zip(jax.tree_util.tree_leaves(loaded["transformer"]), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)

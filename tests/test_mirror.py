@@ -25,10 +25,11 @@ import torch
 
 import maskgit_jax
 import maskgit_torch
-from conversion import jax_to_torch, param_table
-from maskgit_common.msgpack_io import read_msgpack
+import conversion
+from conversion import param_table
+from maskgit_jax import checkpoint as jax_checkpoint
 from maskgit_jax import tokenizer as jax_tokenizer, transformer as jax_transformer
-from maskgit_jax.checkpoint import load_msgpack_params
+from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import tokenizer as torch_tokenizer, transformer as torch_transformer
 from parity_tests.intermediates import capture_torch, flatten_flax
 from tests import helpers
@@ -98,9 +99,9 @@ def models():
   out = {"config": config, "io": dict(np.load(os.path.join(case_dir, "tokenizer_io.npz"))),
          "ids": np.load(os.path.join(case_dir, "transformer_io.npz"))["ids_partial"]}
   for which in ("tokenizer", "transformer"):
-    path = os.path.join(case_dir, f"{which}.msgpack")
-    out[f"jax_{which}"] = load_msgpack_params(path)
-    out[f"torch_{which}"] = jax_to_torch(read_msgpack(path), config, which)
+    flat = conversion.read(os.path.join(case_dir, f"{which}.msgpack"), config).parts[which]
+    out[f"jax_{which}"] = jax_checkpoint.from_flat(config, which, flat)
+    out[f"torch_{which}"] = torch_checkpoint.from_flat(config, which, flat)
   return out
 
 

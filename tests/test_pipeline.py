@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from configs import get_preset
-from conversion import convert
+import conversion
 from maskgit_common import editing
 from maskgit_jax import pipeline as jax_pipeline
 from maskgit_jax import sampler as jax_sampler
@@ -40,8 +40,9 @@ def checkpoints(tmp_path_factory):
   torch.manual_seed(0)
   root = tmp_path_factory.mktemp("pipeline")
   torch_dir, jax_dir = str(root / "torch"), str(root / "jax")
-  torch_checkpoint.save_checkpoint_dir(torch_dir, config, VQVAE(config), Transformer(config))
-  convert.convert(torch_dir, jax_dir, to="jax")
+  torch_checkpoint.save_checkpoint(torch_dir, config,
+                                 {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
+  conversion.convert(torch_dir, jax_dir, to="jax")
   return config, torch_dir, jax_dir
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import configs
-from conversion import convert
-from maskgit_common import halton, msgpack_io
+import conversion
+from maskgit_common import halton
 from maskgit_jax import checkpoint as jax_checkpoint
 from maskgit_jax import sampler as jax_sampler
 from maskgit_jax.transformer import Transformer as JaxTransformer
+from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import sampler as torch_sampler
 from maskgit_torch.transformer import Transformer as TorchTransformer
 from tests.helpers import golden_cases, golden_config
@@ -43,8 +44,8 @@ def models():
   config = configs.tiny()
   variables = jax_checkpoint.init_variables(config, "transformer", jax.random.PRNGKey(0))
   torch_model = TorchTransformer(config)
-  flat = msgpack_io.flatten(jax.tree_util.tree_map(np.asarray, variables))
-  torch_model.load_state_dict(convert.jax_to_torch(flat, config, "transformer"), strict=True)
+  flat = conversion.flatten(jax.tree_util.tree_map(np.asarray, variables))
+  torch_model.load_state_dict(torch_checkpoint.from_flat(config, "transformer", flat), strict=True)
   torch_model.eval()
   jax_model = JaxTransformer(config)
   k = config.codebook_size
@@ -136,8 +137,8 @@ def test_defaults_are_the_official_decoder_on_the_golden_record():
   config = golden_config(case)
   rec = np.load(f"{case}/decode.npz")
   model = TorchTransformer(config)
-  flat = msgpack_io.flatten(msgpack_io.read_msgpack(f"{case}/transformer.msgpack"))
-  model.load_state_dict(convert.jax_to_torch(flat, config, "transformer"), strict=True)
+  flat = conversion.read(f"{case}/transformer.msgpack", config).parts["transformer"]
+  model.load_state_dict(torch_checkpoint.from_flat(config, "transformer", flat), strict=True)
   k = config.codebook_size
   with torch.inference_mode():
     out = torch_sampler.decode_with_config(

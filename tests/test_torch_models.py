@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conversion import jax_to_torch, param_table
-from conversion.table import torch_shape
-from maskgit_common.msgpack_io import read_msgpack
+import conversion
+from conversion import param_table, torch_shape
+from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch.tokenizer import VQVAE, upsample
 from maskgit_torch.transformer import Transformer, gelu
 from parity_tests.intermediates import capture_torch
@@ -41,8 +41,8 @@ def case(request):
   models = {}
   for which, cls in (("tokenizer", VQVAE), ("transformer", Transformer)):
     model = cls(config)
-    model.load_state_dict(jax_to_torch(read_msgpack(os.path.join(case_dir, f"{which}.msgpack")), config, which),
-                          strict=True)
+    flat = conversion.read(os.path.join(case_dir, f"{which}.msgpack"), config).parts[which]
+    model.load_state_dict(torch_checkpoint.from_flat(config, which, flat), strict=True)
     models[which] = model.eval()
   return case_dir, config, models["tokenizer"], models["transformer"]
 
@@ -147,11 +147,10 @@ def test_torch_path_never_imports_jax(tmp_path):
   code = f"""
 import sys
 import maskgit_torch, maskgit_torch.tokenizer, maskgit_torch.transformer, maskgit_torch.checkpoint
-from conversion.convert import convert
-from maskgit_common import msgpack_io
-convert({case_dir!r}, {str(tmp_path / 'out')!r}, to="torch")
-config, tokenizer, transformer = maskgit_torch.checkpoint.load_checkpoint_dir({str(tmp_path / 'out')!r})
-assert tokenizer is not None and transformer is not None
+import conversion
+conversion.convert({case_dir!r}, {str(tmp_path / 'out')!r}, to="torch")
+config, models = maskgit_torch.load_checkpoint({str(tmp_path / 'out')!r})
+assert set(models) == {{"tokenizer", "transformer"}}
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "jaxlib"))
 print(bad)
 assert not bad, bad

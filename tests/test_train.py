@@ -19,7 +19,7 @@ import pytest
 
 import configs
 from maskgit_common import data as data_lib
-from maskgit_common import masking, msgpack_io, token_cache, training
+from maskgit_common import masking, token_cache, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +147,8 @@ def test_one_step_cross_backend_parity(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  from conversion import convert  # pylint: disable=import-outside-toplevel
+  import conversion  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import checkpoint as torch_checkpoint  # pylint: disable=import-outside-toplevel
   from maskgit_jax import train as jax_train  # pylint: disable=import-outside-toplevel
   from maskgit_torch import train as torch_train  # pylint: disable=import-outside-toplevel
   from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
@@ -166,18 +167,17 @@ def test_one_step_cross_backend_parity(tmp_path):
                                 {k: jnp.asarray(batch[k]) for k in jax_train.BATCH_KEYS}, jnp.float32(lr),
                                 jnp.int32(0))
   model = Transformer(config)
-  model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in
-                         convert.jax_to_torch({"params": jax.device_get(params)}, config, "transformer").items()})
+  model.load_state_dict(torch_checkpoint.from_flat(config, "transformer",
+                                                   conversion.flatten({"params": jax.device_get(params)})))
   optimizer = torch_train.make_optimizer(model, config.train)
   torch_metrics = torch_train.train_step(model, optimizer, torch_train.EMA(model),
                                          {k: torch.from_numpy(batch[k]) for k in torch_train.BATCH_KEYS}, lr, config)
   assert abs(float(jax_metrics["loss"]) - torch_metrics["loss"]) <= 2e-6
   assert float(jax_metrics["grad_norm"]) == pytest.approx(torch_metrics["grad_norm"], rel=1e-5)
 
-  want = msgpack_io.flatten({"params": jax.device_get(new_state["params"])})
-  got = convert.torch_to_jax(model.state_dict(), config, "transformer")
-  got = got if "params/Embed_0/embeddings_ln/bias" in got else msgpack_io.flatten(got)
-  before = msgpack_io.flatten({"params": jax.device_get(params)})
+  want = conversion.flatten({"params": jax.device_get(new_state["params"])})
+  got = torch_checkpoint.to_flat(config, "transformer", model)
+  before = conversion.flatten({"params": jax.device_get(params)})
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=0, atol=2e-3 * lr, err_msg=key)

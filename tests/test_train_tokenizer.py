@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from configs import MaskGITConfig, TokenizerConfig, TrainConfig
-from conversion.convert import convert, jax_to_torch
+import conversion
+from conversion import convert
 from maskgit_common import data as data_lib
 from maskgit_common import tokenizer_losses as common
 from maskgit_common import training
@@ -91,11 +92,10 @@ def test_export_is_read_by_both_backends(trained, tmp_path):
   else:
     jax_dir, torch_dir = str(tmp_path / "jax"), export
     convert(export, jax_dir, to="jax")
-  _, tokenizer, _ = torch_checkpoint.load_checkpoint_dir(torch_dir)
+  tokenizer = torch_checkpoint.load_checkpoint(torch_dir, parts=("tokenizer",))[1]["tokenizer"]
   with torch.no_grad():
     torch_codes = tokenizer.encode_to_indices(torch.from_numpy(images)).numpy()
-  params = jax_checkpoint.load_msgpack_params(os.path.join(jax_dir, "tokenizer.msgpack"),
-                                              jax_checkpoint.expected_shapes(config, "tokenizer"))["params"]
+  params = jax_checkpoint.load_checkpoint(jax_dir, parts=("tokenizer",))[1]["tokenizer"]["params"]
   jax_codes, _ = jax_train.reconstruct(params, jax_train._model_config(config), jnp.asarray(images))
   jax_codes = np.asarray(jax_codes)
   np.testing.assert_array_equal(jax_codes, torch_codes)
@@ -169,3 +169,8 @@ def test_settings_and_restart_are_pure():
   assert all(any((row == latent).all() for latent in latents) for row in new[[1, 3]])
   again, _ = common.restart_dead_codes(codebook, np.array([0, 0, 2, 2, 2, 0]), latents, seed=3, step=7)
   np.testing.assert_array_equal(new, again)
+
+
+def jax_to_torch(tree, config, which):
+  """A flax tree -> torch state dict, the way the torch backend loads canonical weights."""
+  return torch_checkpoint.from_flat(config, which, conversion.flatten(tree))

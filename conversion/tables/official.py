@@ -1,63 +1,20 @@
-"""The one parameter table: official/JAX flax path <-> torch state_dict key + layout transform.
+"""The official MaskGIT family (arch "maskgit"): every parameter of google-research/maskgit's VQGAN tokenizer and
+bidirectional transformer, as flax path <-> torch key + layout transform, derived from the config.
 
-`param_table(config, which)` lists every parameter of the tokenizer or the transformer, derived from the config,
-in the order flax serializes them (keys sorted at every level). The same rules drive both directions:
-`TRANSFORMS[rule.transform]` is a pair (to_torch(x), to_jax(x, jax_shape)) of pure layout changes (transpose /
-reshape, no arithmetic), so official -> torch -> official is bit-exact.
-
-Layouts (flax -> torch):
-  dense            (in, out)            -> nn.Linear weight (out, in)
-  conv             (kh, kw, in, out)    -> nn.Conv2d weight (out, in, kh, kw)
-  qkv_kernel       (D, heads, hd)       -> nn.Linear weight (heads*hd, D)
-  qkv_bias         (heads, hd)          -> (heads*hd,)
-  attn_out_kernel  (heads, hd, D)       -> nn.Linear weight (D, heads*hd)
-  identity         norm scale -> weight, biases, embedding tables, codebook
+The flax paths are exactly the released checkpoints' tree (`tests/data/imagenet_official_param_trees.txt`); the
+torch keys are `maskgit_torch`'s module attributes. `tokenizer_fields` / `transformer_fields` read the config
+fields back from a tree's shapes (config inference, and naming the field a wrong config gets wrong).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, NamedTuple
+import re
+from typing import Mapping
 
 import numpy as np
 
-
-class Rule(NamedTuple):
-  jax_path: str  # e.g. "params/Embed_0/word_embeddings/embedding"
-  torch_key: str  # e.g. "embed.word_embeddings.weight"
-  transform: str  # a key of TRANSFORMS
-  shape: tuple  # the official (flax) shape this config implies
-
-
-TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
-    "identity": (lambda x: x, lambda x, shape: x),
-    "dense": (lambda x: x.T, lambda x, shape: x.T),
-    "conv": (lambda x: x.transpose(3, 2, 0, 1), lambda x, shape: x.transpose(2, 3, 1, 0)),
-    "qkv_kernel": (lambda x: x.reshape(x.shape[0], -1).T, lambda x, shape: x.T.reshape(shape)),
-    "qkv_bias": (lambda x: x.reshape(-1), lambda x, shape: x.reshape(shape)),
-    "attn_out_kernel": (lambda x: x.reshape(-1, x.shape[-1]).T, lambda x, shape: x.T.reshape(shape)),
-}
-
-
-def torch_shape(rule: Rule) -> tuple:
-  """The torch shape of a rule's parameter (the official shape after its transform)."""
-  s = tuple(rule.shape)
-  return {
-      "identity": s,
-      "dense": s[::-1],
-      "conv": (s[3], s[2], s[0], s[1]) if len(s) == 4 else None,
-      "qkv_kernel": (math.prod(s[1:]), s[0]),
-      "qkv_bias": (math.prod(s),),
-      "attn_out_kernel": (s[-1], math.prod(s[:-1])),
-  }[rule.transform]
-
-
-def to_torch(rule: Rule, x: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(TRANSFORMS[rule.transform][0](x))
-
-
-def to_jax(rule: Rule, x: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(TRANSFORMS[rule.transform][1](x, tuple(rule.shape)))
+from conversion.errors import ConversionError
+from conversion.rules import Rule
 
 
 # Tokenizer ---------------------------------------------------------------------------------------------------------
@@ -81,7 +38,7 @@ def _res_block(rules, jax_prefix, torch_prefix, cin, cout):
     _conv(rules, f"{jax_prefix}/Conv_2", f"{torch_prefix}.shortcut", 1, cout, cout, bias=False)
 
 
-def _tokenizer_rules(config) -> list[Rule]:
+def tokenizer_rules(config) -> list[Rule]:
   cfg = config.tokenizer
   widths = [cfg.filters * m for m in cfg.channel_multipliers]
   n, rules = len(widths), []
@@ -117,7 +74,7 @@ def _dense(rules, jax_prefix, torch_prefix, cin, cout):
   rules.append(Rule(f"{jax_prefix}/bias", f"{torch_prefix}.bias", "identity", (cout,)))
 
 
-def _transformer_rules(config) -> list[Rule]:
+def transformer_rules(config) -> list[Rule]:
   tr = config.transformer
   d, heads, hd, v = tr.num_embeds, tr.num_heads, tr.head_dim, config.vocab_size
   rules = [
@@ -148,13 +105,59 @@ def _transformer_rules(config) -> list[Rule]:
   return rules
 
 
-def param_table(config, which: str) -> list[Rule]:
-  """Every parameter of `which` ("tokenizer" or "transformer") for this config, in flax's serialization order."""
-  if which == "tokenizer":
-    rules = _tokenizer_rules(config)
-  elif which == "transformer":
-    rules = _transformer_rules(config)
-  else:
-    raise ValueError(f"which must be 'tokenizer' or 'transformer', got {which!r}")
-  # flax serializes variables with dict keys sorted (as strings) at every level; the full path sort is the same.
-  return sorted(rules, key=lambda r: r.jax_path.split("/"))
+def rules(config, part: str) -> list[Rule]:
+  return tokenizer_rules(config) if part == "tokenizer" else transformer_rules(config)
+
+
+# Which part a bare file holds, from its top-level names ------------------------------------------------------------
+def holds_tokenizer(roots: set) -> bool:
+  return roots <= {"encoder", "decoder", "quantizer"}
+
+
+def holds_transformer(roots: set) -> bool:
+  return roots <= {"Embed_0", "MlmLayer_0", "embed", "layers", "mlm"} | {
+      r for r in roots if r.startswith("TransformerLayer_")}
+
+
+# Config fields from shapes -----------------------------------------------------------------------------------------
+def _indices(flat: Mapping, prefix: str) -> list[int]:
+  pattern = re.compile(re.escape(prefix) + r"(\d+)/")
+  return sorted({int(m.group(1)) for k in flat for m in [pattern.match(k)] if m})
+
+
+def _shape(flat: Mapping, path: str, what: str) -> tuple:
+  if path not in flat:
+    raise ConversionError(f"cannot infer {what}: the checkpoint has no {path}")
+  return tuple(np.shape(flat[path]))
+
+
+def tokenizer_fields(flat: Mapping) -> dict:
+  """The TokenizerConfig fields a flax tokenizer tree's shapes imply (num_groups/eps are not in shapes)."""
+  codebook_size, embedding_dim = _shape(flat, "params/quantizer/codebook", "codebook_size/embedding_dim")
+  filters = _shape(flat, "params/encoder/Conv_0/kernel", "filters")[3]
+  # The decoder has one conv in, one after each upsampling and one out: levels = number of decoder convs - 1.
+  num_levels = len(_indices(flat, "params/decoder/Conv_")) - 1
+  encoder_blocks = len(_indices(flat, "params/encoder/ResBlock_"))
+  if num_levels < 1 or encoder_blocks % (num_levels + 1):
+    raise ConversionError(f"cannot infer the tokenizer layout: {encoder_blocks} encoder ResBlocks do not split into "
+                          f"{num_levels} levels + 1 group of equal size")
+  num_res_blocks = encoder_blocks // (num_levels + 1)
+  multipliers = []
+  for level in range(num_levels):
+    width = _shape(flat, f"params/encoder/ResBlock_{level * num_res_blocks}/Conv_1/kernel", "channel_multipliers")[3]
+    if width % filters:
+      raise ConversionError(f"cannot infer channel_multipliers: level {level} width {width} is not a multiple of "
+                            f"filters={filters}")
+    multipliers.append(width // filters)
+  return dict(filters=filters, channel_multipliers=tuple(multipliers), num_res_blocks=num_res_blocks,
+              embedding_dim=embedding_dim, codebook_size=codebook_size)
+
+
+def transformer_fields(flat: Mapping) -> dict:
+  """The TransformerConfig fields (plus seq_len, vocab_size) a flax transformer tree's shapes imply."""
+  vocab, hidden = _shape(flat, "params/Embed_0/word_embeddings/embedding", "vocab/hidden size")
+  seq_len = _shape(flat, "params/Embed_0/position_embeddings/embedding", "sequence length")[0]
+  _, heads, _ = _shape(flat, "params/TransformerLayer_0/Attention_0/self_attention/query/kernel", "num_heads")
+  intermediate = _shape(flat, "params/TransformerLayer_0/Mlp_0/intermediate_output/kernel", "intermediate_size")[1]
+  return dict(num_layers=len(_indices(flat, "params/TransformerLayer_")), num_embeds=hidden, num_heads=heads,
+              intermediate_size=intermediate, seq_len=seq_len, vocab_size=vocab)

@@ -1,4 +1,4 @@
-"""The flax `serialization.to_bytes` checkpoint container, read and written without flax.
+"""The flax `serialization.to_bytes` checkpoint container, read and written without flax (numpy + msgpack only).
 
 The released MaskGIT checkpoints (and our JAX exports) are `flax.serialization.to_bytes({"params": ...})`: one
 msgpack map whose leaves use msgpack ext types (flax/serialization.py, `_MsgpackExtType`):
@@ -20,8 +20,9 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
+from conversion.errors import CheckpointFormatError
+from conversion.formats.sniff import pytorch_message, sniff
 from maskgit_common import fileio
-from maskgit_common.errors import UserError
 
 _EXT_NDARRAY = 1
 _EXT_COMPLEX = 2
@@ -29,10 +30,6 @@ _EXT_NPSCALAR = 3
 _CHUNK_MARKER = "__msgpack_chunked_array__"
 # flax/serialization.py MAX_CHUNK_SIZE: msgpack's per-object limit is 2**31 - 1, flax leaves a margin.
 _MAX_CHUNK_SIZE = 2 ** 30
-
-
-class CheckpointFormatError(UserError, ValueError):
-  """A checkpoint file is missing, truncated or not a flax msgpack container; the message names the file."""
 
 
 # Reading ---------------------------------------------------------------------------------------------------------
@@ -77,8 +74,15 @@ def _unchunk(node):
 def read_msgpack(path: str) -> dict:
   """Reads a flax `to_bytes` file into a nested dict of numpy arrays (read-only views), without flax.
 
-  Raises CheckpointFormatError naming `path` when the file is missing, truncated, or not such a container.
+  Raises CheckpointFormatError naming `path` when the file is missing, truncated, a PyTorch pickle, or not such a
+  container.
   """
+  kind = sniff(path)
+  if kind in ("torch_zip", "torch_pickle"):
+    from conversion import formats  # pylint: disable=import-outside-toplevel  (the registry imports this module)
+    raise CheckpointFormatError(pytorch_message(path, kind, "a flax msgpack checkpoint", formats.reads_pytorch()))
+  if kind == "directory":
+    raise CheckpointFormatError(f"{path} is a directory; expected a flax msgpack checkpoint file")
   try:
     size = os.path.getsize(path)
     f = open(path, "rb")
@@ -175,32 +179,3 @@ def write_msgpack(path: str, tree: Mapping[str, Any]) -> None:
     _write_node(f, packer, state)
 
   fileio.atomic_write(path, write)
-
-
-# Flat paths ------------------------------------------------------------------------------------------------------
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
-  """{"params": {"a": {"b": x}}} -> {"params/a/b": x}, in the tree's order."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """{"params/a/b": x} -> {"params": {"a": {"b": x}}}, in the order the paths come."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    parts = path.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"path {path!r} runs through a leaf")
-    if parts[-1] in node:
-      raise ValueError(f"path {path!r} is given twice or is also a prefix of another path")
-    node[parts[-1]] = value
-  return tree

@@ -1,0 +1,44 @@
+"""Our torch checkpoint directory: config.json + tokenizer.safetensors and/or transformer.safetensors (torch keys)."""
+
+from __future__ import annotations
+
+import os
+
+from conversion.errors import PASS_CONFIG, ConversionError
+from conversion.formats.common import CONFIG_FILE, materialize, read_config
+from conversion.formats.safetensors_numpy import read_safetensors, write_safetensors
+from conversion.layout import from_torch_layout, to_torch_layout
+
+NAME = "torch"
+DESCRIPTION = "a torch checkpoint directory (config.json + tokenizer.safetensors / transformer.safetensors)"
+FILES = {"tokenizer": "tokenizer.safetensors", "transformer": "transformer.safetensors"}
+
+
+def detect(path: str) -> dict | None:
+  if not os.path.isdir(path):
+    return None
+  found = {part: os.path.join(path, name) for part, name in FILES.items() if os.path.isfile(os.path.join(path, name))}
+  return found or None
+
+
+def _loader(config, part: str, path: str):
+  return lambda: from_torch_layout(config, part, read_safetensors(path), consume=True, source=path)
+
+
+def read(path: str, config=None):
+  file_config = read_config(path)
+  use = config or file_config
+  if use is None:
+    raise ConversionError(f"{path} has torch weights but no {CONFIG_FILE}; {PASS_CONFIG}")
+  return file_config, {part: _loader(use, part, file) for part, file in detect(path).items()}, {}
+
+
+def write(tmp: str, config, parts: dict, extras: dict) -> None:
+  config.save(os.path.join(tmp, CONFIG_FILE))
+  for part, value in parts.items():
+    flat = materialize(value)
+    if not flat:  # a part that failed its checks: the conversion raises once every part is checked
+      continue
+    state = to_torch_layout(config, part, flat, consume=True)
+    del flat
+    write_safetensors(os.path.join(tmp, FILES[part]), state)
