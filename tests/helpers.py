@@ -16,3 +16,12 @@ def golden_config(case_dir):
   from configs import MaskGITConfig
   with open(os.path.join(case_dir, "config.json")) as f:
     return MaskGITConfig.from_official(json.load(f), name=os.path.basename(case_dir))
+
+
+def tensorboard_scalars(logdir):
+  """Every scalar of a log directory as TensorBoard reads it ({tag: [(step, value)]}, its EventAccumulator:
+  several event files in order, with the steps a resumed run purged left out)."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # pylint: disable=import-outside-toplevel
+  events = EventAccumulator(logdir)
+  events.Reload()
+  return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
