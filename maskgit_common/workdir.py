@@ -166,18 +166,19 @@ class RunDir:
     if self.is_main:
       check_workdir(self.workdir)
       previous = self.lock.acquire()
-      try:
+    try:
+      if self.is_main:
         self._prepare(previous)
-      except BaseException:
-        self.lock.release()
-        raise
-    self.barrier("workdir_ready")
-    if not self.is_main:  # the main process has cleaned and set aside; every process reads the same state
-      self.checkpoints = training.CheckpointDir(os.path.join(self.run_dir, "checkpoints"), self.keep)
-      if self.wants_resume:
-        self._check_backend()
-        self._latest = self.checkpoints.latest()
-    self.resume = self._check_resume(self._latest)
+      self.barrier("workdir_ready")
+      if not self.is_main:  # the main process has cleaned and set aside; every process reads the same state
+        self.checkpoints = training.CheckpointDir(os.path.join(self.run_dir, "checkpoints"), self.keep)
+        if self.wants_resume:
+          self._check_backend()
+          self._latest = self.checkpoints.latest()
+      self.resume = self._check_resume(self._latest)
+    except BaseException:
+      self.lock.release()
+      raise
     return self
 
   def __exit__(self, *exc) -> None:

@@ -88,7 +88,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     hint = (" jax found no cluster to join: give --coordinator_address, --num_processes and --process_id (or the "
             "JAX_* environment variables)" if missing else "")
-    raise DistributedSetupError(f"jax.distributed.initialize failed: {first}.{hint}") from None
+    raise DistributedSetupError(f"jax.distributed.initialize failed: {first.rstrip('.')}.{hint}") from None
 
 
 # Loss, optimizer, one step -------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ import orbax.checkpoint as ocp
 STATE_DIR = "state"
 
 
-def _checkpointer() -> ocp.Checkpointer:
-  """An orbax PyTree checkpointer for process 0 alone: the state is replicated, so its host copy is the whole
-  state and the other hosts neither write nor coordinate."""
-  options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+def _checkpointer(process: int = 0) -> ocp.Checkpointer:
+  """An orbax PyTree checkpointer run by `process` alone. Process 0 writes: the state is replicated, so its host
+  copy is the whole state and the other hosts neither write nor coordinate. Every process reads for itself."""
+  options = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process})
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
                           multiprocessing_options=options)
 
@@ -35,5 +35,5 @@ def save(directory: str, state) -> None:
 
 def restore(directory: str, template):
   """Restores `save`'s output into the structure of `template` (bit-exact float32 arrays, on the host)."""
-  restored = _checkpointer().restore(os.path.abspath(os.path.join(directory, STATE_DIR)))
+  restored = _checkpointer(jax.process_index()).restore(os.path.abspath(os.path.join(directory, STATE_DIR)))
   return flax.serialization.from_state_dict(template, restored)
