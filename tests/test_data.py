@@ -133,6 +133,24 @@ def test_masks_count_and_class_dropout():
   assert everything["weights"].min() == 1.0
 
 
+def test_bernoulli_masking_masks_each_token_with_the_schedule_probability():
+  """train.masking=bernoulli (the seed's rule): token i of row b is masked iff its draw < schedule(r_b)."""
+  config = tiny().with_overrides({"train.masking": "bernoulli", "train.mask_schedule": "arccos"})
+  rng = np.random.default_rng(3)
+  noise = masking.draw_noise(rng, 512, config.num_tokens)
+  codes = rng.integers(0, 64, (512, 8, 8))
+  batch = masking.make_batch(codes, rng.integers(0, 10, 512), noise, config)
+  rate = np.arccos(noise.ratio.astype(np.float64)) / (np.pi / 2)
+  np.testing.assert_array_equal(batch["mask"], noise.position < rate.astype(np.float32)[:, None])
+  counts = batch["mask"].sum(1)
+  assert len(np.unique(counts)) > 20  # not a fixed count per ratio: independent tokens
+  # Each row's masked fraction is its rate up to binomial noise (std of the mean over rows: ~0.003).
+  assert abs((batch["mask"].mean(1) - rate).mean()) < 0.012
+  np.testing.assert_array_equal(batch["input_ids"][:, 1:][batch["mask"]], -1)
+  with pytest.raises(configs.ConfigError, match="train.masking"):
+    tiny().with_overrides({"train.masking": "random"})
+
+
 def test_training_batches_are_a_pure_function_of_step_and_position(tmp_path):
   config = tiny().with_overrides({"train.batch_size": 8})
   ds = data_lib.SyntheticDataset(20, config.image_size, config.num_class)

@@ -204,6 +204,33 @@ def test_gradient_accumulation_equals_one_batch_k_times_larger(name):
     np.testing.assert_allclose(w4[key], w1[key], rtol=0, atol=2e-3 * lr, err_msg=key)
 
 
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_a_row_without_masked_tokens_adds_nothing_to_the_loss(name):
+  """Bernoulli masking can mask no token of a row: its masked-token loss is 0 / 0; it must count as 0, and the
+  other rows keep the official per-example mean."""
+  backend(name)
+  from maskgit_common.token_layout import token_layout  # pylint: disable=import-outside-toplevel
+  config = small_config()
+  layout = token_layout(config)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, config.seq_len, layout.logits_width)).astype(np.float32)
+  targets = rng.integers(0, config.codebook_size, (2, config.num_tokens)).astype(np.int32)
+  weights = np.zeros((2, config.num_tokens), np.float32)
+  weights[0, :5] = 1.0
+  if name == "jax":
+    from maskgit_jax.train import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+    loss, (_, counted) = cross_entropy_loss(logits, targets, weights, 0.1, layout)
+    one, _ = cross_entropy_loss(logits[:1], targets[:1], weights[:1], 0.1, layout)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    from maskgit_torch.train import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+    t = lambda x: torch.from_numpy(x)
+    loss, (_, counted) = cross_entropy_loss(t(logits), t(targets), t(weights), 0.1, layout)
+    one, _ = cross_entropy_loss(t(logits[:1]), t(targets[:1]), t(weights[:1]), 0.1, layout)
+  assert np.isfinite(float(loss)) and float(counted) == 5.0
+  assert float(loss) == pytest.approx(float(one) / 2, rel=1e-6)  # the empty row: 0 in the batch mean
+
+
 # Data parallel and kill -9 (subprocesses: slow) ------------------------------------------------------------------
 _SCRIPT = """
 import sys
@@ -302,6 +329,25 @@ def test_jax_state_checkpoint_accepts_a_relative_workdir(tmp_path, monkeypatch):
   state = {"step": np.int32(3), "w": np.arange(6, dtype=np.float32).reshape(2, 3)}
   os.makedirs("relative/ckpt")
   train_state.save("relative/ckpt", state)
-  restored = train_state.restore("relative/ckpt", state)
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  assert int(restored["step"]) == 3
+  chex = pytest.importorskip("chex")
+  chex.assert_trees_all_equal(train_state.restore("relative/ckpt", state), state)
+
+
+def test_jax_trainers_and_their_tensorboard_logs_never_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed; the JAX trainers' MetricsWriter must not (the backends
+  never import each other)."""
+  pytest.importorskip("flax")
+  code = f"""
+import sys
+import maskgit_jax.train, maskgit_jax.train_tokenizer
+from maskgit_common import training
+writer = training.MetricsWriter({str(tmp_path)!r})
+writer.write(1, {{"loss": 1.5}})
+writer.close()
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                        env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+  assert tensorboard_scalars(str(tmp_path))["loss"] == [(1, 1.5)]
