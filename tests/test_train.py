@@ -78,6 +78,9 @@ def test_learns_resumes_exactly_and_skips_a_corrupt_checkpoint(name, cache, tmp_
 
   ckpts = training.CheckpointDir(os.path.join(workdir, "checkpoints"))
   assert ckpts.steps() == [10, 20, 30]
+  meta = ckpts.verify(30)[2]["meta"]  # what the resume checks read: the writer, the data position, the run
+  assert (meta["backend"], meta["step"], meta["position"]) == (name, 30, 30 * 16)
+  assert meta["run"] == training.transformer_fingerprint(config)
   # Corrupt the newest checkpoint: the run must warn, resume from step 20 and retrace the same losses bit for bit.
   newest = ckpts.path(30)
   victim = max((os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs if f != training.MANIFEST),
