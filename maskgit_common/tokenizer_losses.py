@@ -12,8 +12,8 @@ The losses (computed in each backend with the same formulas and reported under t
 with z the encoder output, q its nearest code and st(z) = z + stop_grad(q - z) the straight-through estimator.
 The quantizer terms are computed in one place per backend, `vq_losses` in its train_tokenizer.py, from the encoder
 output and the codebook, with the formulas of the official `VectorQuantizer` in train mode
-(maskgit/nets/vqgan_tokenizer.py; entropy: maskgit/libml/losses.py `entropy_loss`). The official VQGAN trainer is not released; the reconstruction term is its
-`losses.l2_loss` (the sibling google-research/magvit VQGAN trainer, by the same authors, uses l2_loss(real,
+(maskgit/nets/vqgan_tokenizer.py; entropy: maskgit/libml/losses.py `entropy_loss`). The official VQGAN trainer is
+not released; the reconstruction term is its `losses.l2_loss` (the sibling google-research/magvit VQGAN trainer, by the same authors, uses l2_loss(real,
 generated) and adds the quantizer loss). The perceptual (LPIPS-like, on a pretrained ImageNet classifier) and
 adversarial (StyleGAN discriminator) terms need pretrained weights that cannot be downloaded here, so they are left
 out: this is the "basic" recipe.
@@ -26,8 +26,8 @@ schedule is constant, and a warmup only steadies the first steps of a small run 
 warmup steps). The data order is every trainer's (maskgit_common.training.DataOrder).
 
 Codebook restarts (our addition, off unless asked): every `train.tokenizer_codebook_restart_every` steps, codes that
-no latent of the current batch chose are moved onto latents of that batch drawn at random. On small data a VQ codebook tends to
-collapse onto a few codes; restarting dead codes (as in Jukebox / SoundStream) keeps usage high. It is a pure
+no latent of the current batch chose are moved onto latents of that batch drawn at random. On small data a VQ
+codebook tends to collapse onto a few codes; restarting dead codes (as in Jukebox / SoundStream) keeps usage high. It is a pure
 function of (batch, seed, step), so it is identical in both backends and a resumed run repeats it exactly.
 """
 

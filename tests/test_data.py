@@ -1,6 +1,5 @@
 """Data, token cache, masking and the framework-free training helpers (numpy only, no model)."""
 
-import math
 import os
 import warnings
 

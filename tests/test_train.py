@@ -5,7 +5,6 @@ gives codes with real structure in milliseconds, so the tests exercise the train
 The whole path from images through a real tokenizer is in the slow tests.
 """
 
-import json
 import math
 import os
 import signal
