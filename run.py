@@ -44,9 +44,19 @@ flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs); an
 flags.DEFINE_enum("stage", "transformer", ["tokenizer", "transformer", "all"],
                   "train: which model to train. tokenizer exports <workdir>/tokenizer, which the transformer stage "
                   "then uses; all = tokenizer, then transformer.")
-flags.DEFINE_bool("multihost", False, "train --backend jax: call jax.distributed.initialize() first (multi-host "
-                  "GPU clusters and TPU pods; run the same command on every host). Also on when "
+flags.DEFINE_bool("multihost", False, "train --backend jax: join a multi-process run through jax.distributed "
+                  "(run the same command on every host). Alone: jax finds the cluster (TPU pods, SLURM, Open MPI); "
+                  "elsewhere give --coordinator_address, --num_processes, --process_id. Also on when "
                   "JAX_COORDINATOR_ADDRESS is set.")
+flags.DEFINE_string("coordinator_address", None, "train --multihost: HOST:PORT where process 0 listens (default "
+                    "$JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "train --multihost: number of processes (default $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "train --multihost: this process's id in [0, num_processes) (default "
+                     "$JAX_PROCESS_ID).")
+flags.DEFINE_bool("allow_config_change", False, "train: resume a checkpoint with settings that differ from the "
+                  "ones it was trained with (each change is listed; without this flag a change is refused).")
+flags.DEFINE_bool("ignore_corrupt_checkpoints", False, "train: when every checkpoint of the workdir is corrupt, set "
+                  "them aside (<name>.corrupt) and start from step 0 instead of refusing.")
 flags.DEFINE_string("tokenizer", None, "train: tokenizer checkpoint for the transformer stage (default "
                     "<workdir>/tokenizer, else a random tokenizer with a warning).")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
@@ -201,28 +211,60 @@ def cmd_parity() -> int:
   return 0 if report["passed"] else 1
 
 
+def multihost_settings(backend: str):
+  """(coordinator_address, num_processes, process_id) for jax.distributed, each None when not given, or None when
+  this is not a multi-host run. Flags first, then the JAX_* environment variables."""
+  env = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+         "process_id": "JAX_PROCESS_ID"}
+  values = {}
+  for name, var in env.items():
+    value = getattr(FLAGS, name)
+    if value is None and os.environ.get(var):
+      value = os.environ[var]
+      if name != "coordinator_address":
+        try:
+          value = int(value)
+        except ValueError:
+          raise UsageError(f"{var}={value!r} must be an integer") from None
+    values[name] = value
+  if not (FLAGS.multihost or any(getattr(FLAGS, n) is not None for n in env) or os.environ.get(env[
+      "coordinator_address"])):
+    return None
+  if backend != "jax":
+    raise UsageError("--multihost and its flags are for --backend jax; torch multi-node training runs under torchrun")
+  return values["coordinator_address"], values["num_processes"], values["process_id"]
+
+
 def cmd_train() -> None:
   if not FLAGS.workdir:
     raise UsageError("train needs --workdir DIR (checkpoints and logs go there; an existing run resumes)")
   if FLAGS.tokenizer and FLAGS.stage == "tokenizer":
     raise UsageError("--tokenizer is the input of the transformer stage; --stage tokenizer trains one")
+  if FLAGS.tokenizer and not os.path.exists(FLAGS.tokenizer):
+    raise UsageError(f"--tokenizer {FLAGS.tokenizer}: no such file or directory")
+  if FLAGS.stage != "transformer" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    raise UsageError("tokenizer training runs in one process; start it without torchrun (--stage tokenizer)")
   import configs
   config = configs.resolve(FLAGS.config or "tiny").with_overrides(FLAGS.set)
   backend = model_backend()
   require_backend(backend)
+  multihost = multihost_settings(backend)
+  if multihost is not None and FLAGS.stage != "transformer":
+    raise UsageError("--multihost trains the transformer; train the tokenizer in one process (--stage tokenizer)")
   set_precision(backend, config.train.precision)
   if backend == "torch":
     from maskgit_torch import train, train_tokenizer
   else:
     from maskgit_jax import train, train_tokenizer
+  if multihost is not None:
+    train.initialize_distributed(*multihost)
+  policy = {"allow_config_change": FLAGS.allow_config_change,
+            "ignore_corrupt_checkpoints": FLAGS.ignore_corrupt_checkpoints}
   if FLAGS.stage in ("tokenizer", "all"):
-    summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir)
+    summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir, **policy)
     print(f"tokenizer: {summary['step']} steps, exported to {summary['export_dir']}")
   if FLAGS.stage in ("transformer", "all"):
-    extra = {"distributed": True} if FLAGS.multihost and backend == "jax" else {}
-    if FLAGS.multihost and backend != "jax":
-      raise UsageError("--multihost is for --backend jax; torch multi-node training runs under torchrun")
-    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **extra)
+    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **policy)
     print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
 
 

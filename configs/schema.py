@@ -209,8 +209,9 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Transformer training recipe (official maskgit_class_cond_config defaults)."""
-  batch_size: int = 256
+  """Training recipe (official maskgit_class_cond_config defaults); the tokenizer trainer reads the shared fields
+  (batch size, lr, warmup, steps, seed, precision, cadence) and its own `tokenizer_*` fields."""
+  batch_size: int = 256  # examples per optimizer step, over all devices (split into grad_accum micro-batches)
   num_train_steps: int = 2_000_000
   lr: float = 1e-4
   beta1: float = 0.9
@@ -222,6 +223,7 @@ class TrainConfig:
   label_smoothing: float = 0.1
   mask_schedule: str = "cosine"
   compute_loss_for_all: bool = False  # official default: loss on masked tokens only
+  masking: str = "count"  # "count": exactly ceil(gamma(r) L) tokens (official); "bernoulli": each w.p. gamma(r) (seed)
   polyak_decay: float = 0.999  # EMA of the weights; 0 disables it
   class_dropout: float = 0.0  # probability of replacing the label by the null class (classifier-free guidance)
   precision: str = "parity"  # "parity" (float32, highest matmul precision) or "fast" (bfloat16 compute)
@@ -229,9 +231,17 @@ class TrainConfig:
   log_every_steps: int = 50
   checkpoint_every_steps: int = 10_000
   keep_checkpoints: int = 3
+  grad_accum: int = 1  # micro-batches per optimizer step: the same update within float rounding, less memory
+  # Tokenizer training (Adam): the official vqgan_config betas; codebook restarts every N steps (0: off).
+  tokenizer_beta1: float = 0.0
+  tokenizer_beta2: float = 0.99
+  tokenizer_codebook_restart_every: int = 0
 
   def validate(self, prefix: str = "train") -> None:
     _check_int(self.batch_size, f"{prefix}.batch_size", 1)
+    _check_int(self.grad_accum, f"{prefix}.grad_accum", 1)
+    _check(self.batch_size % self.grad_accum == 0, f"{prefix}.grad_accum",
+           f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")
     _check_int(self.num_train_steps, f"{prefix}.num_train_steps", 1)
     _check_float(self.lr, f"{prefix}.lr", 0.0, lo_open=True)
     _check_float(self.beta1, f"{prefix}.beta1", 0.0, 1.0)
@@ -243,6 +253,7 @@ class TrainConfig:
     _check_float(self.label_smoothing, f"{prefix}.label_smoothing", 0.0, 1.0)
     check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
     _check(isinstance(self.compute_loss_for_all, bool), f"{prefix}.compute_loss_for_all", "must be true or false")
+    _check_choice(self.masking, f"{prefix}.masking", ("count", "bernoulli"))
     _check_float(self.polyak_decay, f"{prefix}.polyak_decay", 0.0, 1.0)
     _check_float(self.class_dropout, f"{prefix}.class_dropout", 0.0, 1.0)
     _check_choice(self.precision, f"{prefix}.precision", ("parity", "fast"))
@@ -250,6 +261,11 @@ class TrainConfig:
     _check_int(self.log_every_steps, f"{prefix}.log_every_steps", 1)
     _check_int(self.checkpoint_every_steps, f"{prefix}.checkpoint_every_steps", 1)
     _check_int(self.keep_checkpoints, f"{prefix}.keep_checkpoints", 1)
+    _check_float(self.tokenizer_beta1, f"{prefix}.tokenizer_beta1", 0.0, 1.0)
+    _check(self.tokenizer_beta1 < 1.0, f"{prefix}.tokenizer_beta1", "must be < 1")
+    _check_float(self.tokenizer_beta2, f"{prefix}.tokenizer_beta2", 0.0, 1.0)
+    _check(self.tokenizer_beta2 < 1.0, f"{prefix}.tokenizer_beta2", "must be < 1")
+    _check_int(self.tokenizer_codebook_restart_every, f"{prefix}.tokenizer_codebook_restart_every", 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,15 @@ Visual Token Modeling") and the released config (maskgit/configs/maskgit_class_c
   - masked positions hold the mask token id -1 (the official embedding lookup wraps it to row V-1);
   - the class token K + label comes first, as in the official `create_input_tokens_normal`.
 Class dropout (classifier-free guidance; not in the official recipe): the class token is replaced, with probability
-`train.class_dropout`, by the null class. The official vocabulary (K codes + num_class classes + 1 mask row) has no
-spare row, so the null class is the mask token id -1: an unconditional input is "class unknown", which keeps the
-official parameter tree (and released checkpoints) unchanged. Samplers use the same id for the unconditional pass.
+`train.class_dropout`, by the null class of the token layout (maskgit_common/token_layout.py). The official
+vocabulary (K codes + num_class classes + 1 mask row) has no spare row, so its null class is the mask token id -1:
+an unconditional input is "class unknown", which keeps the official parameter tree (and released checkpoints)
+unchanged; the seed family has a row of its own. Samplers use the same id for the unconditional pass. The mask id,
+the class ids and the class token's position also come from the layout, so this module never asks the family.
+
+Masking strategies (`train.masking`): "count" is the official rule above; "bernoulli" masks each token
+independently with probability schedule(r) (valeoai MaskGIT-pytorch, the seed: `torch.rand(...) < val_to_mask`), so
+a row may have no masked token at all (its masked-token loss then counts nothing; see the trainers' loss).
 
 All draws come in through `TrainingNoise`; `draw_noise(rng, ...)` makes them from a numpy Generator. Masks are built
 on the host, so the JAX and torch trainers (and any number of devices) see exactly the same masked batches.
@@ -23,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import numpy as np
 
 from maskgit_common.schedules import mask_ratio  # the official schedule, float32 (one definition)
+from maskgit_common.token_layout import TokenLayout, token_layout
 
-# The null class used by class dropout (see the module docstring): the mask token id.
+# The official layout's null class (the mask token id), kept for callers that name it.
 NULL_CLASS_TOKEN = -1
+MASKING = ("count", "bernoulli")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,30 +67,39 @@ def num_masked(ratio: np.ndarray, num_tokens: int, method: str = "cosine") -> np
   return np.clip(count, 1, num_tokens).astype(np.int32)
 
 
-def token_mask(ratio: np.ndarray, position: np.ndarray, method: str = "cosine") -> np.ndarray:
-  """(B, L) bool, True = masked: in each row the num_masked(r) positions with the smallest position draws."""
+def token_mask(ratio: np.ndarray, position: np.ndarray, method: str = "cosine", masking: str = "count") -> np.ndarray:
+  """(B, L) bool, True = masked.
+
+  "count": in each row the num_masked(r) positions with the smallest position draws (official). "bernoulli": every
+  position whose draw is below schedule(r), i.e. each token masked with probability schedule(r) (the seed).
+  """
   position = np.asarray(position)
+  if masking == "bernoulli":
+    return position < mask_ratio(ratio, position.shape[-1], method)[:, None]
+  if masking != "count":
+    raise ValueError(f"train.masking={masking!r} is not one of {list(MASKING)}")
   count = num_masked(ratio, position.shape[-1], method)
   # Rank of each draw within its row (stable sort: ties, which float draws make unlikely, go to the lower index).
   ranks = np.argsort(np.argsort(position, axis=-1, kind="stable"), axis=-1, kind="stable")
   return ranks < count[:, None]
 
 
-def class_tokens(labels: np.ndarray, class_drop: np.ndarray, class_dropout: float, codebook_size: int) -> np.ndarray:
-  """(B,) int32 class tokens K + label, or NULL_CLASS_TOKEN where class_drop < class_dropout."""
-  tokens = np.asarray(labels, np.int32) + np.int32(codebook_size)
-  return np.where(np.asarray(class_drop) < class_dropout, np.int32(NULL_CLASS_TOKEN), tokens).astype(np.int32)
+def class_tokens(labels: np.ndarray, class_drop: np.ndarray, class_dropout: float, layout: TokenLayout) -> np.ndarray:
+  """(B,) int32 class tokens of the labels, or the layout's null class where class_drop < class_dropout."""
+  tokens = layout.class_tokens(labels).astype(np.int32)
+  return np.where(np.asarray(class_drop) < class_dropout, np.int32(layout.null_class_id), tokens).astype(np.int32)
 
 
 def make_batch(codes: np.ndarray, labels: np.ndarray, noise: TrainingNoise, config,
                codes_flipped: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One training batch from codes (B, h, h) and labels (B,).
 
-  Returns `input_ids` (B, S) int32 (class token, then codes with -1 at masked positions), `targets` (B, L) int32
-  (the true codes), `weights` (B, L) float32 (1 where the loss counts: masked tokens, or all tokens with
-  train.compute_loss_for_all) and `mask` (B, L) bool.
+  Returns `input_ids` (B, S) int32 (the layout's sequence: class token and codes, the mask id at masked
+  positions), `targets` (B, L) int32 (the true codes), `weights` (B, L) float32 (1 where the loss counts: masked
+  tokens, or all tokens with train.compute_loss_for_all) and `mask` (B, L) bool.
   """
   train = config.train
+  layout = token_layout(config)
   codes = np.asarray(codes)
   if codes_flipped is not None and config.data.random_flip:
     codes = np.where((noise.flip < 0.5)[:, None, None], np.asarray(codes_flipped), codes)
@@ -92,9 +108,9 @@ def make_batch(codes: np.ndarray, labels: np.ndarray, noise: TrainingNoise, conf
   if targets.shape[1] != config.num_tokens:
     raise ValueError(f"codes have {targets.shape[1]} tokens per image, the config expects {config.num_tokens} "
                      f"({config.latent_size}x{config.latent_size})")
-  mask = token_mask(noise.ratio, noise.position, train.mask_schedule)
-  masked = np.where(mask, np.int32(config.mask_token_id), targets)
-  cls = class_tokens(labels, noise.class_drop, train.class_dropout, config.codebook_size)
-  input_ids = np.concatenate([cls[:, None], masked], axis=1).astype(np.int32)
+  mask = token_mask(noise.ratio, noise.position, train.mask_schedule, train.masking)
+  masked = np.where(mask, np.int32(layout.mask_id), targets)
+  cls = class_tokens(labels, noise.class_drop, train.class_dropout, layout)
+  input_ids = layout.sequence(masked, cls).astype(np.int32)
   weights = np.ones_like(targets, np.float32) if train.compute_loss_for_all else mask.astype(np.float32)
   return {"input_ids": input_ids, "targets": targets, "weights": weights, "mask": mask}

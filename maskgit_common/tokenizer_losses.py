@@ -10,21 +10,24 @@ The losses (computed in each backend with the same formulas and reported under t
   loss                = reconstruction_loss + quantizer_loss
 
 with z the encoder output, q its nearest code and st(z) = z + stop_grad(q - z) the straight-through estimator.
-The quantizer terms are the official `VectorQuantizer` in train mode (maskgit/nets/vqgan_tokenizer.py; entropy:
-maskgit/libml/losses.py `entropy_loss`). The official VQGAN trainer is not released; the reconstruction term is its
-`losses.l2_loss` (the sibling google-research/magvit VQGAN trainer, by the same authors, uses l2_loss(real,
+The quantizer terms are computed in one place per backend, `vq_losses` in its train_tokenizer.py, from the encoder
+output and the codebook, with the formulas of the official `VectorQuantizer` in train mode
+(maskgit/nets/vqgan_tokenizer.py; entropy: maskgit/libml/losses.py `entropy_loss`). The official VQGAN trainer is
+not released; the reconstruction term is its `losses.l2_loss` (the sibling google-research/magvit VQGAN trainer, by the same authors, uses l2_loss(real,
 generated) and adds the quantizer loss). The perceptual (LPIPS-like, on a pretrained ImageNet classifier) and
 adversarial (StyleGAN discriminator) terms need pretrained weights that cannot be downloaded here, so they are left
 out: this is the "basic" recipe.
 
-Optimizer: Adam with the betas of the official vqgan_config (beta1 0, beta2 0.99), eps 1e-8 (optax and torch
-defaults agree). The learning rate is `train.lr` after `train.warmup_steps` of linear warmup: the official generator
-lr is 1e-4, the same as the official transformer lr (and our ImageNet presets' `train.lr`); the official schedule is
-constant, and a warmup only steadies the first steps of a small run (the tiny preset: lr 1e-3, 100 warmup steps).
+Optimizer: Adam with the betas of the official vqgan_config (train.tokenizer_beta1 0, train.tokenizer_beta2 0.99),
+eps 1e-8 (optax and torch defaults agree). The learning rate is `train.lr` after `train.warmup_steps` of linear
+warmup, then constant (maskgit_common.training.learning_rate, the one schedule of every trainer): the official
+generator lr is 1e-4, the same as the official transformer lr (and our ImageNet presets' `train.lr`); the official
+schedule is constant, and a warmup only steadies the first steps of a small run (the tiny preset: lr 1e-3, 100
+warmup steps). The data order is every trainer's (maskgit_common.training.DataOrder).
 
-Codebook restarts (our addition, off unless asked): every `codebook_restart_every` steps, codes that no latent of the
-current batch chose are moved onto latents of that batch drawn at random. On small data a VQ codebook tends to
-collapse onto a few codes; restarting dead codes (as in Jukebox / SoundStream) keeps usage high. It is a pure
+Codebook restarts (our addition, off unless asked): every `train.tokenizer_codebook_restart_every` steps, codes that
+no latent of the current batch chose are moved onto latents of that batch drawn at random. On small data a VQ
+codebook tends to collapse onto a few codes; restarting dead codes (as in Jukebox / SoundStream) keeps usage high. It is a pure
 function of (batch, seed, step), so it is identical in both backends and a resumed run repeats it exactly.
 """
 
@@ -36,18 +39,19 @@ from typing import Any
 import numpy as np
 
 from maskgit_common import images as image_io
+from maskgit_common import train_loop, training
 
-# Official generator optimizer (maskgit/configs/vqgan_config.py).
-OFFICIAL_BETA1 = 0.0
-OFFICIAL_BETA2 = 0.99
 ADAM_EPS = 1e-8
+# Fingerprint keys that can never change when a tokenizer run resumes (its state would not load).
+FIXED = ("image_size", "tokenizer.")
+LOSS_WEIGHT_FIELDS = ("commitment_cost", "entropy_loss_ratio", "entropy_temperature", "entropy_loss_type")
 LOSS_NAMES = ("loss", "reconstruction_loss", "quantizer_loss", "e_latent_loss", "q_latent_loss", "entropy_loss")
 # Workdir layout (both backends): <workdir>/tokenizer is the portable export that the transformer trainer reads by
 # default (maskgit_common/training.py TOKENIZER_DIR); resumable state and logs live apart from the transformer's.
 TRAIN_DIR = "tokenizer_train"
 RECONSTRUCTIONS_PNG = "reconstructions.png"
-# Independent numpy streams: np.random.default_rng([seed, STREAM, step]).
-STREAM_ORDER, STREAM_FLIP, STREAM_RESTART = 0, 1, 2
+# Independent numpy streams: np.random.default_rng([seed, STREAM, step]) (the data order uses stream 0).
+STREAM_FLIP, STREAM_RESTART = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,33 +71,22 @@ class TokenizerTrainSettings:
   codebook_restart_every: int
 
 
-# The config's `train` section is written for the transformer. lr, warmup, batch size, steps, logging, checkpoints,
-# seed and precision are shared; the betas differ (transformer AdamW 0.9/0.96, tokenizer Adam 0/0.99), so a
-# tokenizer run reads `train.tokenizer_<field>` where the schema defines one, else these official tokenizer values.
-_TOKENIZER_DEFAULTS = {"beta1": OFFICIAL_BETA1, "beta2": OFFICIAL_BETA2, "codebook_restart_every": 0}
-_SHARED_WITH_TRAIN = {"num_steps": "num_train_steps"}
+# Where each setting comes from in the config's `train` section (shared with the transformer, except the Adam betas
+# and codebook restarts, which are the tokenizer's own `train.tokenizer_*` fields).
+_FROM_TRAIN = {"lr": "lr", "beta1": "tokenizer_beta1", "beta2": "tokenizer_beta2", "warmup_steps": "warmup_steps",
+               "batch_size": "batch_size", "num_steps": "num_train_steps", "log_every_steps": "log_every_steps",
+               "checkpoint_every_steps": "checkpoint_every_steps", "keep_checkpoints": "keep_checkpoints",
+               "seed": "seed", "precision": "precision",
+               "codebook_restart_every": "tokenizer_codebook_restart_every"}
 
 
 def resolve_settings(config, **overrides: Any) -> TokenizerTrainSettings:
-  """Explicit arguments (not None) > `config.train.tokenizer_<field>` (if the schema has it) > defaults.
-
-  Defaults: betas from the official vqgan_config, no codebook restarts; lr, warmup, batch size, steps, logging,
-  checkpointing, seed and precision from `config.train`.
-  """
-  train = config.train
-  values = {}
-  for field in dataclasses.fields(TokenizerTrainSettings):
-    name = field.name
-    if name in _TOKENIZER_DEFAULTS:
-      default = _TOKENIZER_DEFAULTS[name]
-    else:
-      default = getattr(train, _SHARED_WITH_TRAIN.get(name, name))
-    value = overrides.pop(name, None)
-    if value is None:
-      value = getattr(train, f"tokenizer_{name}", None)
-    values[name] = default if value is None else value
-  if overrides:
-    raise TypeError(f"unknown tokenizer training settings {sorted(overrides)}")
+  """Explicit arguments (not None) > the config's `train` field named in `_FROM_TRAIN`."""
+  unknown = sorted(set(overrides) - set(_FROM_TRAIN))
+  if unknown:
+    raise TypeError(f"unknown tokenizer training settings {unknown}")
+  values = {name: getattr(config.train, field) for name, field in _FROM_TRAIN.items()}
+  values.update({k: v for k, v in overrides.items() if v is not None})
   s = TokenizerTrainSettings(**values)
   if not (s.lr > 0 and 0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):
     raise ValueError(f"tokenizer training needs lr > 0 and betas in [0, 1), got lr={s.lr}, beta1={s.beta1}, "
@@ -108,37 +101,38 @@ def resolve_settings(config, **overrides: Any) -> TokenizerTrainSettings:
   return s
 
 
-def learning_rate(settings: TokenizerTrainSettings, step: int) -> float:
-  """Constant after an optional linear warmup; `step` counts completed updates (0 for the first update)."""
-  if settings.warmup_steps > 0:
-    return settings.lr * min(1.0, (step + 1) / settings.warmup_steps)
-  return settings.lr
+def loop_settings(settings: TokenizerTrainSettings) -> train_loop.LoopSettings:
+  """The loop's settings of a tokenizer run: the one schedule (training.learning_rate), constant after the warmup."""
+  return train_loop.LoopSettings(num_steps=settings.num_steps, batch_size=settings.batch_size, lr=settings.lr,
+                                 warmup_steps=settings.warmup_steps, lr_schedule="constant",
+                                 log_every_steps=settings.log_every_steps,
+                                 checkpoint_every_steps=settings.checkpoint_every_steps)
 
 
-# Data order ------------------------------------------------------------------------------------------------------
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
-  """Example indices of batch `step`: a fresh permutation per epoch, the incomplete tail of each epoch dropped.
-
-  A pure function of (step, seed), so a resumed run reads exactly the batches an uninterrupted run reads.
-  """
-  per_epoch = num_examples // batch_size
-  if per_epoch < 1:
-    raise ValueError(f"the dataset has {num_examples} images, fewer than one batch of {batch_size}")
-  epoch, position = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, STREAM_ORDER, epoch]).permutation(num_examples)
-  return order[position * batch_size:(position + 1) * batch_size]
-
-
-def load_batch(dataset, step: int, batch_size: int, seed: int, random_flip: bool, pool=None) -> np.ndarray:
-  """Images (B, H, H, 3) float32 of batch `step`; each flipped left-right with probability 1/2 if asked."""
-  indices = batch_indices(step, batch_size, len(dataset), seed)
+# Data ------------------------------------------------------------------------------------------------------------
+def load_batch(dataset, order: training.DataOrder, position: int, step: int, batch_size: int, random_flip: bool,
+               pool=None) -> np.ndarray:
+  """Images (B, H, H, 3) float32 of the batch at data `position` (update `step`); each flipped left-right with
+  probability 1/2 if asked (draws from (seed, step))."""
+  indices = order.indices(position, batch_size)
   fetch = lambda i: dataset[int(i)]
   items = list(pool.map(fetch, indices)) if pool else [fetch(i) for i in indices]
   batch = np.stack([image for image, _ in items]).astype(np.float32)
   if random_flip:
-    flip = np.random.default_rng([seed, STREAM_FLIP, step]).random(batch_size) < 0.5
+    flip = np.random.default_rng([order.seed, STREAM_FLIP, step]).random(batch_size) < 0.5
     batch[flip] = batch[flip, :, ::-1]
   return batch
+
+
+def run_fingerprint(config, settings: TokenizerTrainSettings) -> dict:
+  """What defines a tokenizer run, as flat `key: value` (the resume check compares it with the checkpoint's)."""
+  out = {f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()}
+  tokenizer = dataclasses.asdict(config.tokenizer)
+  # The loss weights may change on resume (with --allow_config_change); the architecture (tokenizer.*) never.
+  out.update({f"losses.{k}": tokenizer.pop(k) for k in LOSS_WEIGHT_FIELDS})
+  out.update(training.flatten({"image_size": config.image_size, "tokenizer": tokenizer,
+                               "data": dataclasses.asdict(config.data)}))
+  return out
 
 
 # Codebook --------------------------------------------------------------------------------------------------------
@@ -176,14 +170,11 @@ def restart_dead_codes(codebook: np.ndarray, codes: np.ndarray, latents: np.ndar
 
 
 # Logging and pictures --------------------------------------------------------------------------------------------
-def window_record(window: list[dict], step: int, settings: TokenizerTrainSettings, codebook_size: int,
-                  seconds: float) -> dict:
-  """Means of the losses over the logged window, codebook statistics over all of its codes, lr and speed."""
+def window_record(window: list[dict], codebook_size: int) -> dict:
+  """Means of the losses over the logged window, codebook statistics over all of its codes, codes restarted."""
   record = {name: float(np.mean([w[name] for w in window])) for name in LOSS_NAMES}
   record.update(codebook_stats(np.concatenate([np.asarray(w["codes"]).reshape(-1) for w in window]), codebook_size))
   record["codes_restarted"] = float(sum(w.get("codes_restarted", 0) for w in window))
-  record["lr"] = learning_rate(settings, step - 1)
-  record["steps_per_sec"] = len(window) / max(seconds, 1e-9)
   return record
 
 

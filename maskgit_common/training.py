@@ -1,10 +1,13 @@
-"""Framework-free pieces of the training loop, shared by maskgit_jax/train.py and maskgit_torch/train.py.
+"""Framework-free pieces of training, shared by the four trainers (docs/ARCHITECTURE.md, "Training driver").
 
-  learning_rate      linear warmup, then constant or cosine (plain math: both backends get the same float)
-  TrainingData       which examples and which masks every step uses: a pure function of (seed, step, position)
+  learning_rate      the one schedule: linear warmup, then constant or cosine (plain math: every backend gets the
+                     same float)
+  DataOrder          the one data order: epochs of fresh permutations drawn from (seed, epoch), read from a position
+  TrainingData       the transformer's global batches: a pure function of (seed, step, position)
   CheckpointDir      step directories written atomically with a sha256 manifest, keep-last-N, newest valid restore
-  MetricsWriter      metrics.jsonl plus a TensorBoard event file (a minimal tfevents writer, no tensorflow needed)
+  MetricsWriter      metrics.jsonl plus TensorBoard scalars (tensorboardX)
   NonFiniteLossError raised when a loss is NaN/inf (training stops; the last good checkpoint stays)
+The loop that uses them is maskgit_common/train_loop.py.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import math
 import os
 import shutil
 import socket
-import struct
 import time
 import warnings
 from typing import Callable
@@ -25,9 +27,10 @@ from maskgit_common import fileio, masking
 from maskgit_common.errors import UserError
 
 CHECKPOINT_PREFIX = "ckpt_"
-MANIFEST = "manifest.json"
+CORRUPT_SUFFIX = ".corrupt"  # a corrupt checkpoint set aside (kept for inspection, never resumed or pruned)
+MANIFEST = fileio.MANIFEST
 TOKENIZER_DIR = "tokenizer"  # <workdir>/tokenizer: the tokenizer export read by default (train_tokenizer writes it)
-EXPORT_DIR = "export"  # <workdir>/export: the portable checkpoint directory (DESIGN §4)
+EXPORT_DIR = "export"  # <workdir>/export: the portable checkpoint directory (docs/ARCHITECTURE.md, "Checkpoints")
 # Independent numpy streams per purpose: np.random.default_rng([seed, STREAM, counter]).
 STREAM_DATA_ORDER, STREAM_MASKS, STREAM_DROPOUT = 0, 1, 2
 
@@ -36,18 +39,25 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The training loss became NaN or inf."""
 
 
-def learning_rate(step: int, train) -> float:
-  """Learning rate of optimizer step `step` (0-based): linear warmup to train.lr, then constant or cosine to 0.
+class TrainingSetupError(UserError, ValueError):
+  """A training input (workdir, tokenizer, checkpoint) cannot be used; the message names it and says why."""
+
+
+def learning_rate(step: int, lr: float, warmup_steps: int, schedule: str = "constant", num_steps: int = 0) -> float:
+  """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then constant or cosine to 0.
 
   Warmup reaches lr at step warmup_steps - 1 ((step + 1) / warmup_steps), so the first step already moves.
+  `num_steps` (the run's total) is where the cosine reaches 0.
   """
-  if train.warmup_steps > 0 and step < train.warmup_steps:
-    return train.lr * (step + 1) / train.warmup_steps
-  if train.lr_schedule == "cosine":
-    decay_steps = max(1, train.num_train_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-  return train.lr
+  if warmup_steps > 0 and step < warmup_steps:
+    return lr * (step + 1) / warmup_steps
+  if schedule == "cosine":
+    decay_steps = max(1, num_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+  if schedule != "constant":
+    raise ValueError(f"learning-rate schedule {schedule!r} is not 'constant' or 'cosine'")
+  return lr
 
 
 def find_tokenizer(workdir: str, tokenizer: str | None = None) -> str | None:
@@ -59,10 +69,34 @@ def find_tokenizer(workdir: str, tokenizer: str | None = None) -> str | None:
   """
   if tokenizer:
     if not os.path.exists(tokenizer):
-      raise FileNotFoundError(f"tokenizer checkpoint {tokenizer} does not exist")
+      raise TrainingSetupError(f"--tokenizer {tokenizer}: no such file or directory (give a tokenizer checkpoint "
+                               f"directory, e.g. <workdir>/{TOKENIZER_DIR}, or its weights file)")
     return tokenizer
   default = os.path.join(workdir, TOKENIZER_DIR)
   return default if os.path.isdir(default) else None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}; tuples become lists (as JSON stores them)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+# Fingerprint keys that can never change when a transformer run resumes: its state would not load.
+TRANSFORMER_FIXED = ("image_size", "num_class", "tokenizer.", "transformer.")
+
+
+def transformer_fingerprint(config) -> dict:
+  """What defines a transformer run, as flat `key: value` (the resume check compares it with the checkpoint's):
+  the model and the train and data sections, without the tokenizer trainer's own `train.tokenizer_*` fields."""
+  tree = config.to_dict()
+  out = flatten({k: tree[k] for k in ("image_size", "num_class", "tokenizer", "transformer", "train", "data")})
+  return {k: v for k, v in out.items() if not k.startswith("train.tokenizer_")}
 
 
 def step_seed(seed: int, stream: int, *counters: int) -> int:
@@ -71,31 +105,49 @@ def step_seed(seed: int, stream: int, *counters: int) -> int:
 
 
 # Data order and masks ------------------------------------------------------------------------------------------
-class TrainingData:
-  """Global batches from a token cache, identical in every backend and for any number of devices.
+class DataOrder:
+  """Which examples a run reads, for every trainer: epochs, each a fresh permutation drawn from (seed, epoch).
 
-  Examples are read in epochs, each a fresh permutation drawn from (seed, epoch); `position` counts examples
-  consumed so far (the data position stored in checkpoints). The masking draws of step s come from (seed, s). Each
-  data-parallel worker takes its contiguous slice of the global batch (`shard`).
+  `position` counts the examples consumed so far (stored in every checkpoint); a batch of n examples starting at
+  `position` reads the next n of this endless sequence, crossing an epoch boundary when it reaches one. A pure
+  function of (seed, position), so a resumed run, any device count and either backend read the same examples.
   """
 
-  def __init__(self, cache, config):
-    self.cache, self.config = cache, config
-    self.batch_size = config.train.batch_size
-    self.seed = config.train.seed
+  def __init__(self, num_examples: int, seed: int):
+    if num_examples < 1:
+      raise ValueError("the dataset is empty")
+    self.num_examples, self.seed = num_examples, seed
     self._perms: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
       if len(self._perms) > 2:
         self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng([self.seed, STREAM_DATA_ORDER, epoch]).permutation(len(self.cache))
+      self._perms[epoch] = np.random.default_rng([self.seed, STREAM_DATA_ORDER, epoch]).permutation(
+          self.num_examples)
     return self._perms[epoch]
 
   def indices(self, position: int, count: int) -> np.ndarray:
-    n = len(self.cache)
+    n = self.num_examples
     pos = np.arange(position, position + count, dtype=np.int64)
     return np.concatenate([self._permutation(int(e))[pos[pos // n == e] % n] for e in np.unique(pos // n)])
+
+
+class TrainingData:
+  """The transformer's global batches from a token cache, identical in every backend and for any number of devices.
+
+  Examples follow `DataOrder`; the masking draws of step s come from (seed, s). Each data-parallel worker takes
+  its contiguous slice of the global batch (`shard`).
+  """
+
+  def __init__(self, cache, config):
+    self.cache, self.config = cache, config
+    self.batch_size = config.train.batch_size
+    self.seed = config.train.seed
+    self.order = DataOrder(len(cache), self.seed)
+
+  def indices(self, position: int, count: int) -> np.ndarray:
+    return self.order.indices(position, count)
 
   def noise(self, step: int) -> masking.TrainingNoise:
     rng = np.random.default_rng([self.seed, STREAM_MASKS, step])
@@ -127,16 +179,16 @@ def publish_dir(final: str, write_files: Callable[[str], None]) -> str:
   return os.path.abspath(final)
 
 
-sha256_file = fileio.sha256_file  # one definition (fileio); re-exported for the trainers' callers
+sha256_file = fileio.sha256_file  # one definition (fileio); re-exported for older callers
 
 
 class CheckpointDir:
   """`root/ckpt_<step>/` directories, each written whole or not at all, checked on restore.
 
-  `save` writes every file into a temporary directory, fsyncs, writes `manifest.json` (sha256 and size of every
-  file, plus `meta`), then renames the directory into place: a kill at any moment leaves either the previous state or
-  the complete new checkpoint. `latest` returns the newest checkpoint whose manifest verifies; a corrupt one is
-  skipped with a warning (and never deleted, so it can be inspected).
+  `save` writes every file into a temporary directory (fileio.atomic_directory: sha256 manifest with `meta`,
+  fsync, rename into place): a kill at any moment leaves either the previous state or the complete new checkpoint.
+  `latest` returns the newest checkpoint whose manifest verifies; a corrupt one is skipped with a warning and never
+  deleted (`set_aside` renames it to `<name>.corrupt` so it can be inspected).
   """
 
   def __init__(self, root: str, keep: int = 3):
@@ -156,6 +208,8 @@ class CheckpointDir:
   def save(self, step: int, write_files: Callable[[str], None], meta: dict) -> str:
     """`write_files(tmp_dir)` writes the state files; they are hashed, manifested and published atomically."""
     final = self.path(step)
+    if os.path.isdir(final) and not self.verify(step)[0]:
+      self.set_aside(step)  # a corrupt one is kept for inspection, not overwritten
     # Re-saving a step (e.g. after a fallback restore) replaces it.
     with fileio.atomic_directory(final, overwrite=True, meta={"step": step, "time": time.time(),
                                                               "host": socket.gethostname(), **meta}) as tmp:
@@ -173,6 +227,15 @@ class CheckpointDir:
     """(ok, reason, manifest) for checkpoint `step`; the manifest's `meta` holds what `save` was given."""
     return fileio.verify_directory(self.path(step))
 
+  def set_aside(self, step: int) -> str:
+    """Renames checkpoint `step` to `<name>.corrupt[-N]`: kept for inspection, no longer resumed or pruned."""
+    src = self.path(step)
+    dst, n = src + CORRUPT_SUFFIX, 1
+    while os.path.lexists(dst):
+      dst, n = f"{src}{CORRUPT_SUFFIX}-{n}", n + 1
+    os.rename(src, dst)
+    return dst
+
   def latest(self) -> tuple[int, str, dict] | None:
     """(step, path, manifest) of the newest checkpoint that verifies, or None; warns about every corrupt one."""
     for step in reversed(self.steps()):
@@ -185,54 +248,6 @@ class CheckpointDir:
 
 
 # Scalar logs ---------------------------------------------------------------------------------------------------
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF  # TFRecord's masked CRC
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           scalars: dict[str, float] | None = None) -> bytes:
-  """A tensorflow.Event protobuf, hand-encoded (wall_time=1 double, step=2 int64, file_version=3, summary=5)."""
-  out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-  if file_version is not None:
-    v = file_version.encode()
-    out += b"\x1a" + _varint(len(v)) + v
-  if scalars:
-    summary = b""
-    for tag, value in scalars.items():
-      t = tag.encode()
-      val = b"\x0a" + _varint(len(t)) + t + b"\x15" + struct.pack("<f", float(value))  # Value.tag, simple_value
-      summary += b"\x0a" + _varint(len(val)) + val  # Summary.value (repeated)
-    out += b"\x2a" + _varint(len(summary)) + summary
-  return out
-
-
 def truncate_jsonl(path: str, after_step: int) -> None:
   """Drops the lines of a metrics.jsonl logged after `after_step` (a resumed run logs those steps again)."""
   if not os.path.exists(path):
@@ -261,101 +276,57 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors as values; we pass floats. The
+  JAX trainers must not load torch (the backends never import each other), so torch is hidden while tensorboardX
+  loads (its import is guarded: without torch it falls back to numpy). A process that already has torch keeps it.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` now raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends scalars to `logdir/metrics.jsonl` and to a TensorBoard event file (`tensorboard --logdir LOGDIR`).
 
-  `resume_step`: a resumed run first drops the JSONL lines logged after its checkpoint, so every step appears once
-  (TensorBoard shows the repeated steps of a new event file on top of the old ones, which is harmless).
+  `resume_step`: a resumed run first drops the JSONL lines logged after its checkpoint, so every step appears once;
+  its event file starts with tensorboardX's `purge_step`, so TensorBoard discards the old files' later steps too.
+  Both are append-only logs (a kill loses at most the line being written), not atomic files.
   """
 
   def __init__(self, logdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
+    SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
     os.makedirs(logdir, exist_ok=True)
     truncate_jsonl(os.path.join(logdir, "metrics.jsonl"), resume_step)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._events = open(os.path.join(logdir, name), "ab")
-    self._record(_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _record(self, data: bytes) -> None:
-    header = struct.pack("<Q", len(data))
-    self._events.write(header + struct.pack("<I", _masked_crc32c(header)) + data
-                       + struct.pack("<I", _masked_crc32c(data)))
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")  # pylint: disable=consider-using-with
+    # The nanosecond suffix keeps two writers started in the same second apart, in the order they started.
+    self._events = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None,
+                                 filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+    now = time.time()
+    self._jsonl.write(json.dumps({"step": int(step), "time": now, **scalars}) + "\n")
     self._jsonl.flush()
-    self._record(_event(time.time(), int(step), scalars=scalars))
+    for tag, value in scalars.items():
+      self._events.add_scalar(tag, value, int(step), walltime=now)
     self._events.flush()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._events.close()
-
-
-def read_events(path: str) -> list[tuple[int, dict[str, float]]]:
-  """Reads back (step, {tag: value}) from an event file written by MetricsWriter (checks every CRC)."""
-  out = []
-  with open(path, "rb") as f:
-    blob = f.read()
-  i = 0
-  while i < len(blob):
-    header = blob[i:i + 8]
-    (length,) = struct.unpack("<Q", header)
-    if struct.unpack("<I", blob[i + 8:i + 12])[0] != _masked_crc32c(header):
-      raise ValueError(f"{path}: bad length CRC at byte {i}")
-    data = blob[i + 12:i + 12 + length]
-    if struct.unpack("<I", blob[i + 12 + length:i + 16 + length])[0] != _masked_crc32c(data):
-      raise ValueError(f"{path}: bad data CRC at byte {i}")
-    i += 16 + length
-    out.append(_parse_event(data))
-  return [e for e in out if e[1]]
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-  n = shift = 0
-  while True:
-    b = buf[i]
-    i += 1
-    n |= (b & 0x7F) << shift
-    shift += 7
-    if not b & 0x80:
-      return n, i
-
-
-def _fields(buf: bytes):
-  i = 0
-  while i < len(buf):
-    key, i = _read_varint(buf, i)
-    num, wire = key >> 3, key & 7
-    if wire == 0:
-      value, i = _read_varint(buf, i)
-    elif wire == 1:
-      value, i = buf[i:i + 8], i + 8
-    elif wire == 5:
-      value, i = buf[i:i + 4], i + 4
-    elif wire == 2:
-      n, i = _read_varint(buf, i)
-      value, i = buf[i:i + n], i + n
-    else:
-      raise ValueError(f"unsupported protobuf wire type {wire}")
-    yield num, value
-
-
-def _parse_event(data: bytes) -> tuple[int, dict[str, float]]:
-  step, scalars = 0, {}
-  for num, value in _fields(data):
-    if num == 2:
-      step = value
-    elif num == 5:
-      for _, val in _fields(value):
-        fields = dict(_fields(val))
-        if 1 in fields and 2 in fields:
-          scalars[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-  return step, scalars

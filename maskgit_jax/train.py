@@ -1,40 +1,37 @@
-"""MaskGIT transformer training in JAX: data parallel over a `jax.sharding.Mesh`, exact resume.
+"""MaskGIT transformer training in JAX: data parallel over a `jax.sharding.Mesh`, multi-host, exact resume.
 
-One recipe with maskgit_torch/train.py (both read the config's `train` section):
-  batch      host-built by maskgit_common (token cache -> masks -> input ids), identical in both backends and for
-             any device count; the global batch is sharded over the mesh axis "data"
-  loss       label-smoothed cross entropy over the codebook logits [..., :K] on masked tokens (or all tokens), each
-             example's loss the weighted mean over its tokens, then the batch mean: the official
+The loop (steps, logging, checkpoints, resume, NaN stop) is maskgit_common/train_loop.py, shared by every trainer;
+this file is the framework part. One recipe with maskgit_torch/train.py (both read the config's `train` section):
+  batch      host-built by maskgit_common (token cache -> masks -> input ids, maskgit_common/masking.py), identical
+             in both backends and for any device count; the global batch is sharded over the mesh axis "data" and
+             split into train.grad_accum micro-batches (lax.scan) whose gradients add up to the batch's
+  loss       label-smoothed cross entropy over the token layout's code logits on masked tokens (or all tokens),
+             each example's loss the weighted mean over its tokens, then the batch mean: the official
              `weighted_sequence_cross_entropy_loss` (maskgit/libml/losses.py:258-280) with `apply_label_smoothing`
              (losses.py:91-120: targets * (1 - eps) + eps / K)
   optimizer  global-norm gradient clipping (optax.clip_by_global_norm), Adam (betas from the config, eps 1e-8) with
-             decoupled weight decay on every parameter (optax.adamw's default), learning rate from
-             maskgit_common.training.learning_rate passed in each step
+             decoupled weight decay on every parameter (optax.adamw's default), learning rate from the loop passed
+             in each step
   EMA        polyak averaging of the weights after every step (train.polyak_decay; official default 0.999)
   dropout    the model's own dropout (transformer.dropout_rate), key fold_in(PRNGKey(seed), step), so it does not
              depend on the device count (threefry is partitionable) and resumes exactly
   precision  "parity": float32 (run.py sets matmul precision "highest"); "fast": bfloat16 compute, float32 params
-Checkpoints (maskgit_common.training.CheckpointDir, checkpoints/ckpt_<step>/): an orbax PyTree checkpoint `state/`
-(params, optimizer state, EMA) with step, data position and RNG scheme in a sha256 manifest over every file; the
-newest checkpoint that verifies is resumed, a corrupt one is skipped with a warning. At every checkpoint the portable
-directory `export/` (config.json + official-layout transformer.msgpack and tokenizer.msgpack, DESIGN §4) is
+Checkpoints: maskgit_jax/train_state.py (an orbax PyTree of params, optimizer state and EMA). At every checkpoint
+the portable directory `export/` (config.json + official-layout transformer.msgpack and tokenizer.msgpack) is
 refreshed. Tokenizer weights: `training.find_tokenizer` (explicit path, else <workdir>/tokenizer, else random).
-Multi-host: jax.distributed.initialize() when `distributed=True` or JAX_COORDINATOR_ADDRESS is set; process 0
-writes checkpoints and logs (the state is replicated, so its host copy is the whole state).
+Multi-host: `initialize_distributed` (run.py --multihost) before `train`; process 0 writes checkpoints and logs
+(the state is replicated, so its host copy is the whole state).
 """
 
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -42,28 +39,75 @@ import conversion
 from configs import MaskGITConfig
 from maskgit_common import data as data_lib
 from maskgit_common import token_cache as token_cache_lib
-from maskgit_common import training
+from maskgit_common import train_loop, training, workdir as workdir_lib
+from maskgit_common.errors import UserError
+from maskgit_common.token_layout import TokenLayout, token_layout
 from maskgit_jax import checkpoint as checkpoint_lib
+from maskgit_jax import train_state
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 
-STATE_DIR = "state"  # orbax PyTree directory inside each ckpt_<step>/
 BATCH_KEYS = ("input_ids", "targets", "weights")
 
 
+class DistributedSetupError(UserError, ValueError):
+  """Incomplete or inconsistent multi-host settings (--coordinator_address, --num_processes, --process_id)."""
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """jax.distributed.initialize for multi-host training (run.py --multihost), with one-line errors.
+
+  With no argument, jax detects the cluster itself (TPU pods, SLURM, Open MPI). Elsewhere (a GPU cluster, or
+  several processes on one machine) all three are needed: the coordinator's host:port (process 0 listens there),
+  the number of processes and this process's id in [0, num_processes). CPU collectives use gloo.
+  """
+  given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+           "--process_id": process_id}
+  missing = [flag for flag, value in given.items() if value is None]
+  if len(missing) not in (0, 3):
+    raise DistributedSetupError(f"--multihost: {', '.join(missing)} missing; give all three of --coordinator_address "
+                                f"HOST:PORT, --num_processes N and --process_id I (or JAX_COORDINATOR_ADDRESS, "
+                                f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or none of them on a TPU pod / SLURM / Open MPI")
+  if not missing:
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise DistributedSetupError(f"--coordinator_address {coordinator_address!r} must be HOST:PORT "
+                                  f"(e.g. 10.0.0.1:1234)")
+    if num_processes < 1:
+      raise DistributedSetupError(f"--num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+      raise DistributedSetupError(f"--process_id {process_id} must lie in [0, --num_processes={num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs and TPUs ignore it
+  try:
+    if missing:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except (ValueError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = (" jax found no cluster to join: give --coordinator_address, --num_processes and --process_id (or the "
+            "JAX_* environment variables)" if missing else "")
+    raise DistributedSetupError(f"jax.distributed.initialize failed: {first.rstrip('.')}.{hint}") from None
+
+
 # Loss, optimizer, one step -------------------------------------------------------------------------------------
-def cross_entropy_loss(logits, targets, weights, label_smoothing: float, codebook_size: int):
-  """(loss, accuracy) of logits (B, S, V) against targets (B, L) with weights (B, L); position 0 is the class."""
-  logits = logits[:, 1:, :codebook_size].astype(jnp.float32)
+def cross_entropy_loss(logits, targets, weights, label_smoothing: float, layout: TokenLayout):
+  """(loss, (sum of correct weights, sum of weights)) for logits (B, S, V) and targets (B, L).
+
+  The image positions and the classes a token can take (official: the K codes) come from the token layout. A row
+  with no weight (possible with Bernoulli masking) contributes 0, not 0 / 0.
+  """
+  num_classes = layout.sample_width
+  logits = logits[:, layout.image_slice(), :num_classes].astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  on, off = 1.0 - label_smoothing, label_smoothing / codebook_size
+  on, off = 1.0 - label_smoothing, label_smoothing / num_classes
   # sum_k soft_k * logp_k with soft = onehot * on + off, without materialising a (B, L, K) one-hot.
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   per_token = -(on * target_logp + off * jnp.sum(logp, axis=-1))
-  per_example = jnp.sum(per_token * weights, axis=-1) / jnp.sum(weights, axis=-1)
+  per_example = jnp.sum(per_token * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / jnp.sum(weights)
-  return jnp.mean(per_example), accuracy
+  return jnp.mean(per_example), (jnp.sum(correct * weights), jnp.sum(weights))
 
 
 def make_optimizer(train) -> optax.GradientTransformation:
@@ -91,30 +135,51 @@ def initial_params(config: MaskGITConfig, seed: int):
       jax.random.PRNGKey(seed))["params"]
 
 
+def micro_batches(batch: dict, count: int) -> dict:
+  """(B, ...) arrays -> (count, B / count, ...): micro-batch j holds rows j, j + count, ... so that each stays
+  spread over every device of the "data" axis (gradient accumulation)."""
+  return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 1, 0),
+                                batch)
+
+
 def make_train_step(config: MaskGITConfig, deterministic: bool = False):
   """The pure step (state, batch, lr, step) -> (state, metrics); jit it with the shardings you want."""
-  train = config.train
+  train, layout = config.train, token_layout(config)
   dtype = jnp.bfloat16 if train.precision == "fast" else jnp.float32
   model = Transformer(config, dtype=dtype)
   tx = make_optimizer(train)
   base_key = jax.random.PRNGKey(train.seed)
   no_dropout = deterministic or config.transformer.dropout_rate == 0.0
 
+  def loss_fn(params, batch, dropout_key):
+    logits = model.apply({"params": params}, batch["input_ids"], deterministic=no_dropout,
+                         rngs=None if no_dropout else {"dropout": dropout_key})
+    return cross_entropy_loss(logits, batch["targets"], batch["weights"], train.label_smoothing, layout)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, batch, dropout_key):
+    """The mean loss and gradient of train.grad_accum micro-batches (their sums of correct and counted)."""
+    k = train.grad_accum
+    if k == 1:
+      return grad_fn(params, batch, dropout_key)
+
+    def add(carry, inputs):
+      part, j = inputs
+      out = grad_fn(params, part, jax.random.fold_in(dropout_key, j))
+      return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, dropout_key))
+    ((loss, aux), grads), _ = jax.lax.scan(add, zeros, (micro_batches(batch, k), jnp.arange(k)))
+    return (loss / k, aux), jax.tree_util.tree_map(lambda g: g / k, grads)
+
   def step_fn(state, batch, lr, step):
-    dropout_key = jax.random.fold_in(base_key, step)
-
-    def loss_fn(params):
-      logits = model.apply({"params": params}, batch["input_ids"], deterministic=no_dropout,
-                           rngs=None if no_dropout else {"dropout": dropout_key})
-      return cross_entropy_loss(logits, batch["targets"], batch["weights"], train.label_smoothing,
-                                config.codebook_size)
-
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (correct, counted)), grads = accumulated(state["params"], batch, jax.random.fold_in(base_key, step))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state["params"], updates)
     d = train.polyak_decay
     ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "accuracy": correct / counted, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params)}
     return {"params": params, "opt_state": opt_state, "ema_params": ema}, metrics
 
@@ -164,27 +229,6 @@ def open_token_cache(config: MaskGITConfig, workdir: str, tokenizer: str | None 
 
 
 # The loop ------------------------------------------------------------------------------------------------------
-def _check_workdir_config(config: MaskGITConfig, workdir: str) -> None:
-  """A workdir holds one model: resuming with another architecture is refused; train/data changes are allowed."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    old = MaskGITConfig.load(path)
-    for field in ("image_size", "num_class", "tokenizer", "transformer"):
-      if getattr(old, field) != getattr(config, field):
-        raise ValueError(f"{workdir} holds a run with another `{field}` ({getattr(old, field)} vs "
-                         f"{getattr(config, field)}); use a new --workdir")
-  if jax.process_index() == 0:
-    config.save(path)
-
-
-def _nonfinite_message(step: int, metrics: dict, last_good) -> str:
-  bad = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm"))
-  keep = (f"the last good checkpoint (step {last_good[0]}, {last_good[1]}) is kept" if last_good
-          else "no checkpoint was written yet")
-  return (f"non-finite training values at step {step} ({bad}); training stopped and {keep}. Try a lower "
-          f"train.lr, train.grad_clip_norm > 0, or train.precision=parity.")
-
-
 def export(workdir: str, config: MaskGITConfig, state, tokenizer_variables) -> str:
   """Writes the portable checkpoint directory workdir/export (config.json + official-layout msgpack files).
 
@@ -197,29 +241,52 @@ def export(workdir: str, config: MaskGITConfig, state, tokenizer_variables) -> s
                                         models, overwrite=True)
 
 
-def _checkpointer() -> ocp.Checkpointer:
-  """An orbax PyTree checkpointer run by process 0 alone (the state is replicated; other hosts do not write)."""
-  options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
-  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
-                          multiprocessing_options=options)
+class TransformerTask(train_loop.TrainTask):
+  """The JAX framework parts of transformer training for maskgit_common.train_loop."""
+  backend, label, finite_keys = "jax", "train (jax)", ("loss", "grad_norm")
 
+  def __init__(self, config: MaskGITConfig, workdir: str, state, data: training.TrainingData, tokenizer_variables):
+    self.config, self.workdir, self.data, self.tokenizer_variables = config, workdir, data, tokenizer_variables
+    devices = np.asarray(jax.devices())
+    self.world_size, self.is_main = int(devices.size), jax.process_index() == 0
+    mesh = Mesh(devices, ("data",))
+    self.replicated, self.batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    self.state = jax.device_put(state, self.replicated)
+    # Donating the old state halves peak memory on accelerators; the CPU backend cannot use donations (it warns).
+    donate = (0,) if jax.default_backend() != "cpu" else ()
+    self.step_fn = jax.jit(make_train_step(config), in_shardings=(self.replicated, self.batch_sharding, None, None),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=donate)
+    self.rng_scheme = {"seed": config.train.seed, "data_order": "numpy default_rng([seed, 0, epoch]).permutation",
+                       "masks": "numpy default_rng([seed, 1, step])", "dropout": "fold_in(PRNGKey(seed), step)"}
 
-def save_state(directory: str, state) -> None:
-  """The training state as an orbax PyTree of host arrays (optax named tuples as dicts: to_state_dict)."""
-  # orbax refuses relative paths: a relative --workdir is resolved here.
-  _checkpointer().save(os.path.abspath(os.path.join(directory, STATE_DIR)),
-                       flax.serialization.to_state_dict(jax.device_get(state)))
+  def train_step(self, step: int, position: int, lr: float):
+    # Dispatch is asynchronous: this host builds the next batch while the devices run the previous step.
+    local = training.shard(self.data.global_batch(step, position), jax.process_index(), jax.process_count())
+    batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, local[k]) for k in BATCH_KEYS}
+    self.state, metrics = self.step_fn(self.state, batch, jnp.float32(lr), jnp.int32(step))
+    return metrics
 
+  def fetch(self, window: list) -> list[dict]:
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(window)]
 
-def restore_state(directory: str, template):
-  """Restores `save_state`'s output into the structure of `template` (bit-exact float32 arrays)."""
-  restored = _checkpointer().restore(os.path.abspath(os.path.join(directory, STATE_DIR)))
-  return flax.serialization.from_state_dict(template, restored)
+  def save(self, directory: str) -> None:
+    train_state.save(directory, self.state)
+
+  def restore(self, directory: str) -> None:
+    self.state = jax.device_put(train_state.restore(directory, jax.device_get(self.state)), self.replicated)
+
+  def after_checkpoint(self, step: int) -> None:
+    export(self.workdir, self.config, jax.device_get(self.state), self.tokenizer_variables)
+
+  def barrier(self, name: str) -> None:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(name)
 
 
 def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, init_params=None,
           stop_after: int | None = None, num_synthetic: int = data_lib.SYNTHETIC_NUM_EXAMPLES,
-          progress: bool = True, distributed: bool | None = None) -> dict:
+          progress: bool = True, allow_config_change: bool = False,
+          ignore_corrupt_checkpoints: bool = False) -> dict:
   """Trains (or resumes) the transformer in `workdir`; returns {"step", "losses" (this call's, per step), ...}.
 
   Args:
@@ -229,87 +296,31 @@ def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, 
     init_params: initial transformer params (e.g. converted from torch); default: official init from train.seed.
     stop_after: stop after this many steps of this call without saving (simulates a kill; tests).
     num_synthetic: size of the synthetic dataset.
-    distributed: call jax.distributed.initialize() (multi-host); default when JAX_COORDINATOR_ADDRESS is set.
+    allow_config_change, ignore_corrupt_checkpoints: resume policies (maskgit_common/workdir.py).
+  Multi-host: call `initialize_distributed` first; every process runs this with the same arguments.
   """
-  if distributed or (distributed is None and os.environ.get("JAX_COORDINATOR_ADDRESS")):
-    jax.distributed.initialize()
   train_cfg = config.train
-  main_process = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(config, workdir)
-  cache, tokenizer_variables = open_token_cache(config, workdir, tokenizer, num_synthetic, progress and main_process)
-  data = training.TrainingData(cache, config)
-
-  devices = np.asarray(jax.devices())
-  if train_cfg.batch_size % devices.size:
-    raise ValueError(f"train.batch_size={train_cfg.batch_size} must be divisible by the {devices.size} devices")
-  mesh = Mesh(devices, ("data",))
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-  ckpts = training.CheckpointDir(os.path.join(workdir, "checkpoints"), train_cfg.keep_checkpoints)
-  if init_params is None:
-    init_params = initial_params(config, train_cfg.seed)
-  state = create_state(config, init_params)
-  step, position, last_good = 0, 0, None
-  latest = ckpts.latest()
-  if latest is not None:
-    step, path, manifest = latest
-    state = restore_state(path, state)
-    position, last_good = manifest["meta"]["position"], (step, path)
-  state = jax.device_put(state, replicated)
-
-  # Donating the old state halves peak memory on accelerators; the CPU backend cannot use donations (it warns).
-  donate = (0,) if jax.default_backend() != "cpu" else ()
-  step_fn = jax.jit(make_train_step(config), in_shardings=(replicated, batch_sharding, None, None),
-                    out_shardings=(replicated, replicated), donate_argnums=donate)
-
-  def device_batch(s: int, pos: int):
-    local = training.shard(data.global_batch(s, pos), jax.process_index(), jax.process_count())
-    return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in BATCH_KEYS}
-
-  def save(s: int, pos: int):
-    nonlocal last_good
-    if main_process:
-      host_state = jax.device_get(state)
-      meta = {"backend": "jax", "step": s, "position": pos, "rng": {"seed": train_cfg.seed, "dropout":
-              "fold_in(PRNGKey(seed), step)", "masks": "numpy default_rng([seed, 1, step])"},
-              "num_devices": int(devices.size), "config": config.to_dict()}
-      last_good = (s, ckpts.save(s, lambda d: save_state(d, host_state), meta))
-      export(workdir, config, host_state, tokenizer_variables)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"checkpoint_{s}")
-
-  writer = training.MetricsWriter(workdir, enabled=main_process, resume_step=step)
-  bar = None
-  if progress and main_process:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=train_cfg.num_train_steps, initial=step, desc="train (jax)", unit="step")
-  losses, done, t0 = [], 0, time.perf_counter()
-  batch = device_batch(step, position) if step < train_cfg.num_train_steps else None
-  try:
-    while step < train_cfg.num_train_steps and (stop_after is None or done < stop_after):
-      lr = training.learning_rate(step, train_cfg)
-      state, metrics = step_fn(state, batch, jnp.float32(lr), jnp.int32(step))
-      position += train_cfg.batch_size
-      if step + 1 < train_cfg.num_train_steps:
-        batch = device_batch(step + 1, position)  # host work overlaps the device step
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        raise training.NonFiniteLossError(_nonfinite_message(step, metrics, last_good))
-      step, done = step + 1, done + 1
-      losses.append(metrics["loss"])
-      if step % train_cfg.log_every_steps == 0 or step == train_cfg.num_train_steps:
-        elapsed = time.perf_counter() - t0
-        writer.write(step, {**metrics, "lr": lr, "steps_per_sec": done / max(elapsed, 1e-9)})
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-      if step % train_cfg.checkpoint_every_steps == 0 or step == train_cfg.num_train_steps:
-        save(step, position)
-  finally:
-    writer.close()
-    if bar is not None:
-      bar.close()
-  exported = os.path.join(workdir, training.EXPORT_DIR) if last_good and last_good[0] == step else None
-  return {"step": step, "position": position, "losses": losses, "export": exported,
-          "last_checkpoint": last_good[1] if last_good else None}
+  devices = jax.device_count()
+  if train_cfg.batch_size % (devices * train_cfg.grad_accum):
+    raise workdir_lib.TrainingSetupError(
+        f"train.batch_size={train_cfg.batch_size} must be divisible by the {devices} devices x "
+        f"train.grad_accum={train_cfg.grad_accum}")
+  barrier = multihost_utils.sync_global_devices if jax.process_count() > 1 else None
+  with workdir_lib.RunDir(workdir, workdir, backend="jax", fingerprint=training.transformer_fingerprint(config),
+                          fixed=training.TRANSFORMER_FIXED, keep_checkpoints=train_cfg.keep_checkpoints,
+                          is_main=jax.process_index() == 0, barrier=barrier,
+                          allow_config_change=allow_config_change,
+                          ignore_corrupt_checkpoints=ignore_corrupt_checkpoints) as run:
+    if jax.process_index() == 0:
+      config.save(os.path.join(workdir, "config.json"))
+    cache, tokenizer_variables = open_token_cache(config, workdir, tokenizer, num_synthetic,
+                                                  progress and jax.process_index() == 0)
+    if init_params is None:
+      init_params = initial_params(config, train_cfg.seed)
+    task = TransformerTask(config, workdir, create_state(config, init_params), training.TrainingData(cache, config),
+                           tokenizer_variables)
+    result = train_loop.run(task, run, train_loop.LoopSettings.from_train(train_cfg),
+                            meta={"config": config.to_dict()}, stop_after=stop_after, progress=progress)
+  exported = result["last_checkpoint"] and result["last_checkpoint"] == run.checkpoints.path(result["step"])
+  result["export"] = os.path.join(workdir, training.EXPORT_DIR) if exported else None
+  return result

@@ -1,40 +1,37 @@
 """MaskGIT transformer training in PyTorch: DDP under torchrun, exact resume.
 
-One recipe with maskgit_jax/train.py (both read the config's `train` section):
-  batch      host-built by maskgit_common (token cache -> masks -> input ids), identical in both backends; each DDP
-             rank takes its contiguous slice of the global batch
-  loss       label-smoothed cross entropy over the codebook logits [..., :K] on masked tokens (or all tokens), each
-             example's loss the weighted mean over its tokens, then the batch mean (the official
+The loop (steps, logging, checkpoints, resume, NaN stop) is maskgit_common/train_loop.py, shared by every trainer;
+this file is the framework part. One recipe with maskgit_jax/train.py (both read the config's `train` section):
+  batch      host-built by maskgit_common (token cache -> masks -> input ids, maskgit_common/masking.py), identical
+             in both backends; each DDP rank takes its contiguous slice of the global batch, split into
+             train.grad_accum micro-batches whose gradients add up to the batch's
+  loss       label-smoothed cross entropy over the token layout's code logits on masked tokens (or all tokens),
+             each example's loss the weighted mean over its tokens, then the batch mean (the official
              `weighted_sequence_cross_entropy_loss`, maskgit/libml/losses.py:258-280, with `apply_label_smoothing`,
              losses.py:91-120: targets * (1 - eps) + eps / K)
   optimizer  global-norm gradient clipping with optax's rule (scale by max_norm / norm only when norm > max_norm;
              torch's clip_grad_norm_ adds 1e-6 to the norm, which we avoid to stay equal to JAX), then
              torch.optim.AdamW (eps 1e-8, decoupled decay on every parameter, like optax.adamw); the learning rate
-             comes from maskgit_common.training.learning_rate each step
+             comes from the loop each step
   EMA        polyak averaging of the weights after every step (train.polyak_decay)
-  dropout    whatever dropout the model applies in train mode, from torch's global RNG re-seeded every step from
-             (seed, step, rank), so a resumed run draws the same masks
+  dropout    the model's dropout in train mode, from torch's global RNG re-seeded every step from (seed, step,
+             rank), so a resumed run draws the same masks
   precision  "parity": float32 (run.py turns TF32 off); "fast": torch.autocast bfloat16, float32 master weights
-Checkpoints (maskgit_common.training.CheckpointDir, checkpoints/ckpt_<step>/): model.safetensors, ema.safetensors,
-optimizer.safetensors, with step, data position and RNG scheme in a sha256 manifest; no pickle anywhere. The newest
-checkpoint that verifies is resumed, a corrupt one is skipped with a warning. At every checkpoint the portable
-directory `export/` (config.json + tokenizer.safetensors + transformer.safetensors, DESIGN §4) is refreshed.
-Tokenizer weights: `training.find_tokenizer` (explicit path, else <workdir>/tokenizer, else random).
-DDP: under torchrun (WORLD_SIZE > 1) the process group is gloo on CPU and NCCL on GPU. When training created the
-group, it ends with barrier, destroy_process_group and os._exit(0): torchrun with gloo can otherwise abort at
-interpreter exit.
+             (`autocast`, the one place a float16 + GradScaler mode would go)
+Checkpoints: maskgit_torch/train_state.py (model, optimizer and EMA in one state.safetensors; no pickle). At every
+checkpoint the portable directory `export/` (config.json + tokenizer.safetensors + transformer.safetensors) is
+refreshed. Tokenizer weights: `training.find_tokenizer` (explicit path, else <workdir>/tokenizer, else random).
+DDP: under torchrun (WORLD_SIZE > 1) the process group is gloo on CPU and NCCL on GPU; a group this module created
+is destroyed when training ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import time
 import warnings
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,23 +39,31 @@ import torch.nn.functional as F
 from configs import MaskGITConfig
 from maskgit_common import data as data_lib
 from maskgit_common import token_cache as token_cache_lib
-from maskgit_common import training
+from maskgit_common import train_loop, training, workdir as workdir_lib
+from maskgit_common.token_layout import TokenLayout, token_layout
 from maskgit_torch import device as device_lib
+from maskgit_torch import train_state
 from maskgit_torch.tokenizer import VQVAE
 from maskgit_torch.transformer import Transformer
 
 BATCH_KEYS = ("input_ids", "targets", "weights")
+METRIC_KEYS = ("loss", "correct", "counted", "grad_norm", "param_norm")
 
 
 # Loss, optimizer, one step -------------------------------------------------------------------------------------
-def cross_entropy_loss(logits, targets, weights, label_smoothing: float, codebook_size: int):
-  """(loss, (sum of correct weights, sum of weights)) for logits (B, S, V); position 0 is the class token."""
-  logits = logits[:, 1:, :codebook_size].float()
+def cross_entropy_loss(logits, targets, weights, label_smoothing: float, layout: TokenLayout):
+  """(loss, (sum of correct weights, sum of weights)) for logits (B, S, V) and targets (B, L).
+
+  The image positions and the classes a token can take (official: the K codes) come from the token layout. A row
+  with no weight (possible with Bernoulli masking) contributes 0, not 0 / 0.
+  """
+  num_classes = layout.sample_width
+  logits = logits[:, layout.image_slice(), :num_classes].float()
   logp = F.log_softmax(logits, dim=-1)
-  on, off = 1.0 - label_smoothing, label_smoothing / codebook_size
+  on, off = 1.0 - label_smoothing, label_smoothing / num_classes
   target_logp = torch.gather(logp, -1, targets.long()[..., None])[..., 0]
   per_token = -(on * target_logp + off * logp.sum(-1))
-  per_example = (per_token * weights).sum(-1) / weights.sum(-1)
+  per_example = (per_token * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
   correct = (logits.argmax(-1) == targets).float()
   return per_example.mean(), ((correct * weights).sum(), weights.sum())
 
@@ -73,8 +78,9 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
   """optax.clip_by_global_norm: g * (max_norm / norm) if norm > max_norm, else g. Returns the norm before."""
   grads = [p.grad for p in parameters if p.grad is not None]
   norm = torch.sqrt(sum(torch.sum(g.float() ** 2) for g in grads))
-  if max_norm > 0 and norm > max_norm:
-    scale = max_norm / norm
+  if max_norm > 0:
+    # A device-side choice (no `if norm > max_norm`, which would wait for the GPU every step); x 1.0 is exact.
+    scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
     for g in grads:
       g.mul_(scale)
   return norm
@@ -97,21 +103,43 @@ def _unwrap(model):
   return model.module if hasattr(model, "module") else model
 
 
+def autocast(precision: str, device: torch.device):
+  """The compute precision of a step: bfloat16 autocast for "fast", float32 for "parity"."""
+  if precision == "fast":
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def micro_batches(batch: dict, count: int) -> list[dict]:
+  """`count` equal consecutive slices of every array's leading axis (gradient accumulation)."""
+  if count == 1:
+    return [batch]
+  b = batch["input_ids"].shape[0]
+  if b % count:
+    raise ValueError(f"a local batch of {b} examples does not split into train.grad_accum={count} micro-batches")
+  return [{k: v[i * (b // count):(i + 1) * (b // count)] for k, v in batch.items()} for i in range(count)]
+
+
 def train_step(model, optimizer, ema: EMA | None, batch: dict, lr: float, config: MaskGITConfig,
                world_size: int = 1) -> dict:
-  """One optimizer step on a (local) batch of tensors; returns float metrics averaged over the DDP ranks."""
-  train = config.train
+  """One optimizer step on a (local) batch of tensors -> METRIC_KEYS as 0-d tensors on the device (loss, correct
+  and counted summed over the DDP ranks, loss averaged); nothing is copied to the host here."""
+  train, layout = config.train, token_layout(config)
   for group in optimizer.param_groups:
     group["lr"] = lr
-  device = batch["input_ids"].device
-  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train.precision == "fast"
-              else contextlib.nullcontext())
-  with autocast:
-    logits = model(batch["input_ids"])
-  loss, (correct, counted) = cross_entropy_loss(logits, batch["targets"], batch["weights"], train.label_smoothing,
-                                                config.codebook_size)
   optimizer.zero_grad(set_to_none=True)
-  loss.backward()  # DDP averages the gradients over the ranks here
+  parts = micro_batches(batch, train.grad_accum)
+  losses, correct, counted = [], 0.0, 0.0
+  for i, part in enumerate(parts):
+    # DDP all-reduces the gradients on the last micro-batch's backward only.
+    last = i == len(parts) - 1
+    with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+      with autocast(train.precision, part["input_ids"].device):
+        logits = model(part["input_ids"])
+      loss, (c, n) = cross_entropy_loss(logits, part["targets"], part["weights"], train.label_smoothing, layout)
+      (loss if len(parts) == 1 else loss / len(parts)).backward()
+    losses, correct, counted = losses + [loss.detach()], correct + c, counted + n
+  loss = losses[0] if len(parts) == 1 else torch.stack(losses).mean()
   params = list(_unwrap(model).parameters())
   grad_norm = clip_grad_norm(params, train.grad_clip_norm)
   optimizer.step()
@@ -119,45 +147,18 @@ def train_step(model, optimizer, ema: EMA | None, batch: dict, lr: float, config
     ema.update(_unwrap(model), train.polyak_decay)
   with torch.no_grad():
     param_norm = torch.sqrt(sum(torch.sum(p.float() ** 2) for p in params))
-    stats = torch.stack([loss.detach(), correct, counted, grad_norm, param_norm])
     if world_size > 1:
-      summed = stats[:3].clone()
+      summed = torch.stack([loss, correct, counted])
       dist.all_reduce(summed)
-      stats = torch.cat([torch.stack([summed[0] / world_size, summed[1], summed[2]]), stats[3:]])
-  loss_v, correct_v, counted_v, grad_v, param_v = stats.cpu().tolist()
-  return {"loss": loss_v, "accuracy": correct_v / counted_v, "grad_norm": grad_v, "param_norm": param_v}
+      loss, correct, counted = summed[0] / world_size, summed[1], summed[2]
+  return {"loss": loss, "correct": correct, "counted": counted, "grad_norm": grad_norm, "param_norm": param_norm}
 
 
-# Checkpoints ---------------------------------------------------------------------------------------------------
-def _save_state(directory: str, model, optimizer, ema: EMA | None) -> None:
-  model = _unwrap(model)
-  safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                              os.path.join(directory, "model.safetensors"))
-  if ema is not None:
-    safetensors.torch.save_file({k: v.cpu().contiguous() for k, v in ema.params.items()},
-                                os.path.join(directory, "ema.safetensors"))
-  names = {id(p): n for n, p in model.named_parameters()}
-  tensors = {}
-  for p, state in optimizer.state.items():
-    for key, value in state.items():
-      tensors[f"{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-  safetensors.torch.save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
-
-
-def _load_state(directory: str, model, optimizer, ema: EMA | None, device) -> None:
-  model = _unwrap(model)
-  model.load_state_dict(safetensors.torch.load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
-  if ema is not None:
-    loaded = safetensors.torch.load_file(os.path.join(directory, "ema.safetensors"), device=str(device))
-    for n in ema.params:
-      ema.params[n].copy_(loaded[n])
-  tensors = safetensors.torch.load_file(os.path.join(directory, "optimizer.safetensors"))
-  state = {}
-  for i, (name, p) in enumerate(model.named_parameters()):
-    entry = {key[len(name) + 1:]: value for key, value in tensors.items() if key.rsplit(".", 1)[0] == name}
-    if entry:
-      state[i] = {k: (v if k == "step" else v.to(p.device)) for k, v in entry.items()}
-  optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+def host_metrics(window: list[dict]) -> list[dict]:
+  """train_step's metrics of several steps -> one host copy -> [{loss, accuracy, grad_norm, param_norm}]."""
+  rows = torch.stack([torch.stack([m[k].float() for k in METRIC_KEYS]) for m in window]).cpu().tolist()
+  return [{"loss": loss, "accuracy": correct / counted, "grad_norm": grad, "param_norm": param}
+          for loss, correct, counted, grad, param in rows]
 
 
 # Data and tokenizer --------------------------------------------------------------------------------------------
@@ -204,27 +205,6 @@ def open_token_cache(config: MaskGITConfig, workdir: str, tokenizer: str | None,
 
 
 # The loop ------------------------------------------------------------------------------------------------------
-def _check_workdir_config(config: MaskGITConfig, workdir: str, rank: int) -> None:
-  """A workdir holds one model: resuming with another architecture is refused; train/data changes are allowed."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    old = MaskGITConfig.load(path)
-    for field in ("image_size", "num_class", "tokenizer", "transformer"):
-      if getattr(old, field) != getattr(config, field):
-        raise ValueError(f"{workdir} holds a run with another `{field}` ({getattr(old, field)} vs "
-                         f"{getattr(config, field)}); use a new --workdir")
-  if rank == 0:
-    config.save(path)
-
-
-def _nonfinite_message(step: int, metrics: dict, last_good) -> str:
-  bad = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm"))
-  keep = (f"the last good checkpoint (step {last_good[0]}, {last_good[1]}) is kept" if last_good
-          else "no checkpoint was written yet")
-  return (f"non-finite training values at step {step} ({bad}); training stopped and {keep}. Try a lower "
-          f"train.lr, train.grad_clip_norm > 0, or train.precision=parity.")
-
-
 def export(workdir: str, config: MaskGITConfig, model, ema: EMA | None, tokenizer) -> str:
   """Writes the portable checkpoint directory workdir/export (config.json + safetensors) with the EMA weights."""
   from maskgit_torch import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
@@ -238,9 +218,61 @@ def export(workdir: str, config: MaskGITConfig, model, ema: EMA | None, tokenize
   return out
 
 
+class TransformerTask(train_loop.TrainTask):
+  """The torch framework parts of transformer training for maskgit_common.train_loop."""
+  backend, label, finite_keys = "torch", "train (torch)", ("loss", "grad_norm")
+
+  def __init__(self, config: MaskGITConfig, workdir: str, model, data: training.TrainingData, tokenizer, device,
+               rank: int, world: int):
+    self.config, self.workdir, self.data, self.tokenizer, self.device = config, workdir, data, tokenizer, device
+    self.rank, self.world_size, self.is_main = rank, world, rank == 0
+    self.optimizer = make_optimizer(model, config.train)
+    self.ema = EMA(model)
+    if world > 1:
+      model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    self.model = model.train()
+    self.rng_scheme = {"seed": config.train.seed, "data_order": "numpy default_rng([seed, 0, epoch]).permutation",
+                       "masks": "numpy default_rng([seed, 1, step])",
+                       "dropout": "torch.manual_seed(training.step_seed(seed, 2, step, rank)) per step"}
+
+  def train_step(self, step: int, position: int, lr: float):
+    torch.manual_seed(training.step_seed(self.config.train.seed, training.STREAM_DROPOUT, step, self.rank))
+    local = training.shard(self.data.global_batch(step, position), self.rank, self.world_size)
+    batch = {k: torch.from_numpy(local[k]).to(self.device, non_blocking=True) for k in BATCH_KEYS}
+    return train_step(self.model, self.optimizer, self.ema, batch, lr, self.config, self.world_size)
+
+  def fetch(self, window: list) -> list[dict]:
+    return host_metrics(window)
+
+  def save(self, directory: str) -> None:
+    train_state.save(directory, _unwrap(self.model), self.optimizer, {"ema": self.ema.params})
+
+  def restore(self, directory: str) -> None:
+    train_state.restore(directory, _unwrap(self.model), self.optimizer, {"ema": self.ema.params})
+
+  def after_checkpoint(self, step: int) -> None:
+    export(self.workdir, self.config, self.model, self.ema, self.tokenizer)
+
+  def barrier(self, name: str) -> None:
+    if self.world_size > 1:
+      dist.barrier()
+
+
+def _join_process_group(device) -> bool:
+  """Under torchrun (WORLD_SIZE > 1) joins the process group (gloo on CPU, NCCL on GPU) -> whether it created it."""
+  if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    return False
+  if device.type == "cuda":
+    torch.cuda.set_device(device)
+  dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+  return True
+
+
 def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, init_state_dict=None,
           stop_after: int | None = None, num_synthetic: int = data_lib.SYNTHETIC_NUM_EXAMPLES,
-          progress: bool = True, device: str = "auto") -> dict:
+          progress: bool = True, device: str = "auto", allow_config_change: bool = False,
+          ignore_corrupt_checkpoints: bool = False) -> dict:
   """Trains (or resumes) the transformer in `workdir`; returns {"step", "losses" (this call's, per step), ...}.
 
   Args:
@@ -251,100 +283,39 @@ def train(config: MaskGITConfig, workdir: str, *, tokenizer: str | None = None, 
     stop_after: stop after this many steps of this call without saving (simulates a kill; tests).
     num_synthetic: size of the synthetic dataset.
     device: "auto" (cuda:LOCAL_RANK if available, else cpu), or a torch device string.
-  Under torchrun (WORLD_SIZE > 1) this joins/creates the process group; if it created it, the process exits with
-  os._exit(0) when training ends (rank 0 has written metrics.jsonl, checkpoints and export/ by then).
+    allow_config_change, ignore_corrupt_checkpoints: resume policies (maskgit_common/workdir.py).
+  Under torchrun (WORLD_SIZE > 1) this joins the process group, creating it when needed; a group it created is
+  destroyed when training ends (rank 0 has written metrics.jsonl, checkpoints and export/ by then).
   """
-  train_cfg = config.train
-  world = int(os.environ.get("WORLD_SIZE", "1"))
-  owns_group = False
   dev = device_lib.resolve(device)
-  if world > 1 and not dist.is_initialized():
-    if dev.type == "cuda":
-      torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    owns_group = True
+  owns_group = _join_process_group(dev)
   rank = dist.get_rank() if dist.is_initialized() else 0
   world = dist.get_world_size() if dist.is_initialized() else 1
-  main_process = rank == 0
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(config, workdir, rank)
-  cache, tokenizer_model = open_token_cache(config, workdir, tokenizer, dev, rank, num_synthetic,
-                                            progress and main_process)
-  data = training.TrainingData(cache, config)
-
-  with torch.random.fork_rng(devices=[]):
-    torch.manual_seed(train_cfg.seed)
-    model = Transformer(config)
-  has_dropout = any(isinstance(m, torch.nn.Dropout) for m in model.modules())
-  if config.transformer.dropout_rate > 0 and not has_dropout and main_process:
-    warnings.warn(f"transformer.dropout_rate={config.transformer.dropout_rate}, but maskgit_torch.transformer has "
-                  f"no dropout layers yet: torch trains without dropout (the JAX trainer applies it)")
-  if init_state_dict is not None:
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in init_state_dict.items()})
-  model.to(dev)
-  optimizer = make_optimizer(model, train_cfg)
-  ema = EMA(model)
-  ckpts = training.CheckpointDir(os.path.join(workdir, "checkpoints"), train_cfg.keep_checkpoints)
-  step, position, last_good = 0, 0, None
-  latest = ckpts.latest()
-  if latest is not None:
-    step, path, manifest = latest
-    _load_state(path, model, optimizer, ema, dev)
-    position, last_good = manifest["meta"]["position"], (step, path)
-  if world > 1:
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-  model.train()
-
-  def local_batch(s: int, pos: int) -> dict:
-    local = training.shard(data.global_batch(s, pos), rank, world)
-    return {k: torch.from_numpy(local[k]).to(dev, non_blocking=True) for k in BATCH_KEYS}
-
-  def save(s: int, pos: int):
-    nonlocal last_good
-    if main_process:
-      meta = {"backend": "torch", "step": s, "position": pos, "rng": {"seed": train_cfg.seed, "dropout":
-              "torch.manual_seed(training.step_seed(seed, 2, step, rank)) per step",
-              "masks": "numpy default_rng([seed, 1, step])"}, "world_size": world, "config": config.to_dict()}
-      last_good = (s, ckpts.save(s, lambda d: _save_state(d, model, optimizer, ema), meta))
-      export(workdir, config, model, ema, tokenizer_model)
-    if world > 1:
-      dist.barrier()
-
-  writer = training.MetricsWriter(workdir, enabled=main_process, resume_step=step)
-  bar = None
-  if progress and main_process:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=train_cfg.num_train_steps, initial=step, desc="train (torch)", unit="step")
-  losses, done, t0 = [], 0, time.perf_counter()
-  try:
-    while step < train_cfg.num_train_steps and (stop_after is None or done < stop_after):
-      lr = training.learning_rate(step, train_cfg)
-      torch.manual_seed(training.step_seed(train_cfg.seed, training.STREAM_DROPOUT, step, rank))
-      metrics = train_step(model, optimizer, ema, local_batch(step, position), lr, config, world)
-      position += train_cfg.batch_size
-      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        raise training.NonFiniteLossError(_nonfinite_message(step, metrics, last_good))
-      step, done = step + 1, done + 1
-      losses.append(metrics["loss"])
-      if step % train_cfg.log_every_steps == 0 or step == train_cfg.num_train_steps:
-        elapsed = time.perf_counter() - t0
-        writer.write(step, {**metrics, "lr": lr, "steps_per_sec": done / max(elapsed, 1e-9)})
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-      if step % train_cfg.checkpoint_every_steps == 0 or step == train_cfg.num_train_steps:
-        save(step, position)
-  finally:
-    writer.close()
-    if bar is not None:
-      bar.close()
-  exported = os.path.join(workdir, training.EXPORT_DIR) if last_good and last_good[0] == step else None
-  result = {"step": step, "position": position, "losses": losses, "export": exported,
-            "last_checkpoint": last_good[1] if last_good else None}
+  if config.train.batch_size % (world * config.train.grad_accum):
+    raise workdir_lib.TrainingSetupError(
+        f"train.batch_size={config.train.batch_size} must be divisible by {world} DDP process(es) x "
+        f"train.grad_accum={config.train.grad_accum}")
+  barrier = (lambda name: dist.barrier()) if world > 1 else None
+  with workdir_lib.RunDir(workdir, workdir, backend="torch", fingerprint=training.transformer_fingerprint(config),
+                          fixed=training.TRANSFORMER_FIXED, keep_checkpoints=config.train.keep_checkpoints,
+                          is_main=rank == 0, barrier=barrier, allow_config_change=allow_config_change,
+                          ignore_corrupt_checkpoints=ignore_corrupt_checkpoints) as run:
+    if rank == 0:
+      config.save(os.path.join(workdir, "config.json"))
+    cache, tokenizer_model = open_token_cache(config, workdir, tokenizer, dev, rank, num_synthetic,
+                                              progress and rank == 0)
+    with torch.random.fork_rng(devices=[]):
+      torch.manual_seed(config.train.seed)
+      model = Transformer(config)
+    if init_state_dict is not None:
+      model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in init_state_dict.items()})
+    task = TransformerTask(config, workdir, model.to(dev), training.TrainingData(cache, config), tokenizer_model,
+                           dev, rank, world)
+    result = train_loop.run(task, run, train_loop.LoopSettings.from_train(config.train),
+                            meta={"config": config.to_dict()}, stop_after=stop_after, progress=progress)
   if owns_group:
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # pylint: disable=protected-access
+  exported = result["last_checkpoint"] and result["last_checkpoint"] == run.checkpoints.path(result["step"])
+  result["export"] = os.path.join(workdir, training.EXPORT_DIR) if exported else None
   return result

@@ -1,20 +1,21 @@
 """Train the VQGAN tokenizer (PyTorch): reconstruction + vector-quantization losses, the "basic" VQGAN recipe.
 
-Losses, optimizer and codebook restarts are described once in maskgit_common/tokenizer_losses.py. The quantizer
-terms mirror maskgit_jax's `VectorQuantizer(train=True)` (the official train mode) term for term; the perceptual
-and adversarial terms of the full VQGAN recipe are off (their pretrained weights are not available offline).
+Losses, optimizer and codebook restarts are described once in maskgit_common/tokenizer_losses.py; the quantizer
+terms are `vq_losses` here and in maskgit_jax/train_tokenizer.py (the official VectorQuantizer's train mode, term
+for term). The perceptual and adversarial terms of the full VQGAN recipe are off (their pretrained weights are not
+available offline). The loop is maskgit_common/train_loop.py, shared by every trainer.
 
   from maskgit_torch.train_tokenizer import train_tokenizer
   summary = train_tokenizer(configs.tiny(), "runs/tok", num_steps=2000)
 
 Workdir layout (the same in maskgit_jax/train_tokenizer.py):
-  tokenizer/                          portable checkpoint (DESIGN §4): config.json + tokenizer.safetensors, read by
+  tokenizer/                          portable checkpoint: config.json + tokenizer.safetensors, read by
                                       checkpoint.load_checkpoint, the transformer trainer and `conversion`
-  tokenizer_train/checkpoints/ckpt_N/ resumable state (weights, Adam moments; step in the manifest), last N kept
+  tokenizer_train/checkpoints/ckpt_N/ resumable state (maskgit_torch/train_state.py), last N kept
   tokenizer_train/metrics.jsonl       losses, codebook usage, lr, speed (+ a TensorBoard event file beside it)
   tokenizer_train/reconstructions.png originals above their reconstructions after training
-The data order is a pure function of (seed, step), so a killed run resumes from its last checkpoint to the same
-losses.
+The data order (maskgit_common.training.DataOrder) and the flips are pure functions of (seed, position, step), so
+a killed run resumes from its last checkpoint to the same losses.
 """
 
 from __future__ import annotations
@@ -23,24 +24,20 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
-import time
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-import tqdm
 
 import conversion
 from configs import MaskGITConfig
 from maskgit_common import data as data_lib
 from maskgit_common import tokenizer_losses as common
-from maskgit_common import training
+from maskgit_common import train_loop, training, workdir as workdir_lib
 from maskgit_torch import checkpoint as checkpoint_lib
+from maskgit_torch import device as device_lib
+from maskgit_torch import train_state
 from maskgit_torch.tokenizer import VQVAE
-
-STATE_FILE = "state.safetensors"
-
 
 def make_optimizer(model: torch.nn.Module, settings: common.TokenizerTrainSettings) -> torch.optim.Adam:
   """Adam with the official betas; the learning rate is set before every step from `common.learning_rate`."""
@@ -82,25 +79,30 @@ def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
   return (z ** 2).sum(dim=1, keepdim=True) - 2 * (z @ codebook.t()) + (codebook ** 2).sum(dim=1)[None, :]
 
 
-def compute_losses(model: VQVAE, images: torch.Tensor, config: MaskGITConfig) -> tuple[torch.Tensor, dict]:
-  """(loss, aux) for images (B, H, H, 3) in [0, 1]; aux holds every loss term (detached), codes and latents."""
-  tc = config.tokenizer
-  quantized, result = model.encode(images)  # quantized: codebook rows (grad flows to the codebook)
-  z = result["raw"]
+def vq_losses(z: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor, tc) -> dict:
+  """The quantizer's training terms (maskgit_common/tokenizer_losses.py) for encoder outputs z and their nearest
+  codebook rows `quantized` (through which the gradient reaches the codebook)."""
   e_latent_loss = torch.mean((quantized.detach() - z) ** 2) * tc.commitment_cost
   q_latent_loss = torch.mean((quantized - z.detach()) ** 2)
   entropy = z.new_zeros(())
   if tc.entropy_loss_ratio != 0:
     with torch.autocast(device_type=z.device.type, enabled=False):
-      distances = squared_distances(z.float().reshape(-1, z.shape[-1]), model.quantizer.codebook.float())
+      distances = squared_distances(z.float().reshape(-1, z.shape[-1]), codebook.float())
       entropy = entropy_loss(-distances, tc.entropy_loss_type, tc.entropy_temperature) * tc.entropy_loss_ratio
-  quantizer_loss = e_latent_loss + q_latent_loss + entropy
+  return {"quantizer_loss": e_latent_loss + q_latent_loss + entropy, "e_latent_loss": e_latent_loss,
+          "q_latent_loss": q_latent_loss, "entropy_loss": entropy}
+
+
+def compute_losses(model: VQVAE, images: torch.Tensor, config: MaskGITConfig) -> tuple[torch.Tensor, dict]:
+  """(loss, aux) for images (B, H, H, 3) in [0, 1]; aux holds every loss term (detached), codes and latents."""
+  quantized, result = model.encode(images)  # quantized: codebook rows (grad flows to the codebook)
+  z = result["raw"]
+  vq = vq_losses(z, quantized, model.quantizer.codebook, config.tokenizer)
   straight_through = z + (quantized - z).detach()
   reconstructions = model.decode(straight_through)
   reconstruction_loss = torch.mean((images - reconstructions.float()) ** 2)  # official losses.l2_loss
-  loss = reconstruction_loss + quantizer_loss
-  aux = {"loss": loss, "reconstruction_loss": reconstruction_loss, "quantizer_loss": quantizer_loss,
-         "e_latent_loss": e_latent_loss, "q_latent_loss": q_latent_loss, "entropy_loss": entropy}
+  loss = reconstruction_loss + vq["quantizer_loss"]
+  aux = {"loss": loss, "reconstruction_loss": reconstruction_loss, **vq}
   aux = {k: v.detach() for k, v in aux.items()}
   aux.update(codes=result["encoding_indices"], latents=z.detach())
   return loss, aux
@@ -132,45 +134,13 @@ def restart_codes(model: VQVAE, aux: dict, seed: int, step: int) -> int:
   return count
 
 
-# Checkpoints ----------------------------------------------------------------------------------------------------
-def save_state(checkpoints: training.CheckpointDir, step: int, model: VQVAE, optimizer: torch.optim.Adam,
-               settings) -> str:
-  """checkpoints/ckpt_<step>/state.safetensors: "model/<name>" weights and "adam/<name>/exp_avg[_sq]" moments."""
-  tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-  for name, p in model.named_parameters():
-    for key, value in optimizer.state.get(p, {}).items():
-      if key != "step":  # every parameter's step equals the global step, stored in the manifest
-        tensors[f"adam/{name}/{key}"] = value.detach().cpu().contiguous()
-  write = lambda tmp: safetensors.torch.save_file(tensors, os.path.join(tmp, STATE_FILE))
-  return checkpoints.save(step, write, {"backend": "torch", "step": step, "settings": dataclasses.asdict(settings)})
-
-
-def restore_state(checkpoints: training.CheckpointDir, model: VQVAE, optimizer: torch.optim.Adam) -> int:
-  """Loads the newest checkpoint that verifies (a corrupt one is skipped with a warning) -> its step (0 if none)."""
-  latest = checkpoints.latest()
-  if latest is None:
-    return 0
-  step, path, _ = latest
-  device = next(model.parameters()).device
-  tensors = safetensors.torch.load_file(os.path.join(path, STATE_FILE), device=str(device))
-  model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-  state = {}
-  for index, (name, _) in enumerate(model.named_parameters()):
-    moments = {key: tensors[f"adam/{name}/{key}"] for key in ("exp_avg", "exp_avg_sq")
-               if f"adam/{name}/{key}" in tensors}
-    if moments:
-      state[index] = {"step": torch.tensor(float(step)), **moments}
-  optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-  return step
-
-
+# Export and evaluation ------------------------------------------------------------------------------------------
 def export_tokenizer(export_dir: str, config: MaskGITConfig, model: VQVAE) -> str:
   """Portable checkpoint directory: config.json + tokenizer.safetensors (maskgit_torch.checkpoint)."""
   checkpoint_lib.save_checkpoint(export_dir, config, {"tokenizer": model}, overwrite=True)
   return export_dir
 
 
-# Evaluation -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: VQVAE, config: MaskGITConfig, images: np.ndarray, batch_size: int = 64) -> tuple[dict, np.ndarray]:
   """Eval-mode round trip images -> codes -> images: reconstruction MSE and codebook usage -> (metrics, outputs)."""
@@ -189,15 +159,69 @@ def evaluate(model: VQVAE, config: MaskGITConfig, images: np.ndarray, batch_size
 
 
 # The loop -------------------------------------------------------------------------------------------------------
+class TokenizerTask(train_loop.TrainTask):
+  """The torch framework parts of tokenizer training for maskgit_common.train_loop."""
+  backend, label, progress_keys = "torch", "tokenizer (torch)", ("reconstruction_loss", "codebook_usage")
+
+  def __init__(self, config: MaskGITConfig, settings: common.TokenizerTrainSettings, model: VQVAE, dataset,
+               workdir: str, eval_images: int):
+    self.config, self.settings, self.model, self.dataset = config, settings, model, dataset
+    self.workdir, self.eval_images = workdir, eval_images
+    self.optimizer = make_optimizer(model, settings)
+    self.order = training.DataOrder(len(dataset), settings.seed)
+    self.device = next(model.parameters()).device
+    workers = config.data.num_workers
+    self.pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+    self.export_dir = os.path.join(workdir, training.TOKENIZER_DIR)
+    self.rng_scheme = {"seed": settings.seed, "data_order": "numpy default_rng([seed, 0, epoch]).permutation",
+                       "flips": "numpy default_rng([seed, 1, step])", "restarts": "numpy default_rng([seed, 2, step])"}
+
+  def train_step(self, step: int, position: int, lr: float) -> dict:
+    s = self.settings
+    images = common.load_batch(self.dataset, self.order, position, step, s.batch_size, self.config.data.random_flip,
+                               self.pool)
+    aux = train_step(self.model, self.optimizer, torch.from_numpy(images).to(self.device), self.config, lr,
+                     s.precision)
+    if common.is_restart_step(s, step):
+      aux["codes_restarted"] = restart_codes(self.model, aux, s.seed, step)
+    del aux["latents"]
+    return aux
+
+  def fetch(self, window: list) -> list[dict]:
+    return [{k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in w.items()} for w in window]
+
+  def summarize(self, records: list[dict]) -> dict:
+    return common.window_record(records, self.config.codebook_size)
+
+  def save(self, directory: str) -> None:
+    train_state.save(directory, self.model, self.optimizer)
+
+  def restore(self, directory: str) -> None:
+    train_state.restore(directory, self.model, self.optimizer)
+
+  def finish(self, step: int) -> dict:
+    """Exports workdir/tokenizer, evaluates the first `eval_images` images, writes the reconstructions picture."""
+    if self.pool:
+      self.pool.shutdown()
+    model = self.model.eval()
+    export_tokenizer(self.export_dir, self.config, model)
+    originals = np.stack([self.dataset[int(i)][0] for i in common.eval_indices(len(self.dataset), self.eval_images)])
+    metrics, outputs = evaluate(model, self.config, originals)
+    common.save_reconstructions(originals[:20], outputs[:20],
+                                os.path.join(self.workdir, common.TRAIN_DIR, common.RECONSTRUCTIONS_PNG))
+    return metrics
+
+
 def train_tokenizer(config: MaskGITConfig, workdir: str, num_steps: int | None = None, *, dataset=None,
                     lr: float | None = None, beta1: float | None = None, beta2: float | None = None,
                     warmup_steps: int | None = None, batch_size: int | None = None,
                     codebook_restart_every: int | None = None, resume: bool = True, init_params=None,
-                    eval_images: int = 100, progress: bool = True, device: str | None = None) -> dict:
+                    eval_images: int = 100, progress: bool = True, device: str | None = None,
+                    allow_config_change: bool = False, ignore_corrupt_checkpoints: bool = False) -> dict:
   """Trains `config.tokenizer` on `dataset` (default: `config.data`, see maskgit_common/data.py).
 
   Args: as maskgit_jax.train_tokenizer.train_tokenizer, with `init_params` a torch state dict, and
-    device: "cpu", "cuda", ... (default: cuda when available).
+    device: "cpu", "cuda", ... (default: "auto", a GPU when there is one).
 
   Returns:
     A summary: "step", "export_dir", "settings", the last logged training metrics and the eval metrics.
@@ -208,60 +232,14 @@ def train_tokenizer(config: MaskGITConfig, workdir: str, num_steps: int | None =
   settings = common.resolve_settings(config, lr=lr, beta1=beta1, beta2=beta2, warmup_steps=warmup_steps,
                                      batch_size=batch_size, num_steps=num_steps,
                                      codebook_restart_every=codebook_restart_every)
-  device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-  dataset = data_lib.make_dataset(config) if dataset is None else dataset
-  train_dir = os.path.join(workdir, common.TRAIN_DIR)
-  checkpoints = training.CheckpointDir(os.path.join(train_dir, "checkpoints"), settings.keep_checkpoints)
-  model = init_model(config, settings.seed, init_params, device)
-  optimizer = make_optimizer(model, settings)
-  start = restore_state(checkpoints, model, optimizer) if resume else 0
-  writer = training.MetricsWriter(train_dir, resume_step=start)
-  pool = concurrent.futures.ThreadPoolExecutor(config.data.num_workers) if config.data.num_workers > 0 else None
-  window, last, tic = [], {}, time.perf_counter()
-  bar = tqdm.tqdm(total=settings.num_steps, initial=start, desc="tokenizer (torch)", disable=not progress)
-  try:
-    for step in range(start, settings.num_steps):
-      images = common.load_batch(dataset, step, settings.batch_size, settings.seed, config.data.random_flip, pool)
-      aux = train_step(model, optimizer, torch.from_numpy(images).to(device), config,
-                       common.learning_rate(settings, step), settings.precision)
-      if common.is_restart_step(settings, step):
-        aux["codes_restarted"] = restart_codes(model, aux, settings.seed, step)
-      del aux["latents"]
-      window.append(aux)
-      done = step + 1
-      log_now = done % settings.log_every_steps == 0 or done == settings.num_steps
-      save_now = done % settings.checkpoint_every_steps == 0 or done == settings.num_steps
-      if log_now or save_now:
-        window = [{k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in w.items()} for w in window]
-        _check_finite(window, done)
-        if log_now:
-          last = common.window_record(window, done, settings, config.codebook_size, time.perf_counter() - tic)
-          writer.write(done, last)
-          bar.set_postfix(rec=f"{last['reconstruction_loss']:.4f}", usage=f"{last['codebook_usage']:.2f}")
-          window, tic = [], time.perf_counter()
-        if save_now:
-          save_state(checkpoints, done, model, optimizer, settings)
-      bar.update(1)
-  finally:
-    bar.close()
-    if pool:
-      pool.shutdown()
-
-  model.eval()
-  export_dir = export_tokenizer(os.path.join(workdir, training.TOKENIZER_DIR), config, model)
-  originals = np.stack([dataset[int(i)][0] for i in common.eval_indices(len(dataset), eval_images)])
-  eval_metrics, outputs = evaluate(model, config, originals)
-  final_step = max(start, settings.num_steps)
-  writer.write(final_step, eval_metrics)
-  writer.close()
-  common.save_reconstructions(originals[:20], outputs[:20], os.path.join(train_dir, common.RECONSTRUCTIONS_PNG))
-  return {"step": final_step, "export_dir": export_dir, "settings": dataclasses.asdict(settings), **last,
-          **eval_metrics}
-
-
-def _check_finite(window: list[dict], step: int) -> None:
-  for i, aux in enumerate(window):
-    if not np.isfinite(aux["loss"]):
-      raise training.NonFiniteLossError(
-          f"tokenizer loss is {aux['loss']} at step {step - len(window) + i + 1}; stopping (the last good "
-          f"checkpoint is kept). Try a lower learning rate or precision='parity'.")
+  device = device_lib.resolve(device or "auto")
+  with workdir_lib.RunDir(workdir, os.path.join(workdir, common.TRAIN_DIR), backend="torch",
+                          fingerprint=common.run_fingerprint(config, settings), fixed=common.FIXED,
+                          keep_checkpoints=settings.keep_checkpoints, allow_config_change=allow_config_change,
+                          ignore_corrupt_checkpoints=ignore_corrupt_checkpoints, resume=resume) as run:
+    dataset = data_lib.make_dataset(config) if dataset is None else dataset
+    task = TokenizerTask(config, settings, init_model(config, settings.seed, init_params, device), dataset, workdir,
+                         eval_images)
+    result = train_loop.run(task, run, common.loop_settings(settings), progress=progress)
+  return {"step": result["step"], "export_dir": task.export_dir, "settings": dataclasses.asdict(settings),
+          **result["record"], **result["final"]}

@@ -1,6 +1,5 @@
 """Data, token cache, masking and the framework-free training helpers (numpy only, no model)."""
 
-import math
 import os
 import warnings
 
@@ -11,6 +10,7 @@ from PIL import Image
 import configs
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, training
+from tests.helpers import tensorboard_scalars
 
 
 def tiny():
@@ -132,6 +132,24 @@ def test_masks_count_and_class_dropout():
   assert everything["weights"].min() == 1.0
 
 
+def test_bernoulli_masking_masks_each_token_with_the_schedule_probability():
+  """train.masking=bernoulli (the seed's rule): token i of row b is masked iff its draw < schedule(r_b)."""
+  config = tiny().with_overrides({"train.masking": "bernoulli", "train.mask_schedule": "arccos"})
+  rng = np.random.default_rng(3)
+  noise = masking.draw_noise(rng, 512, config.num_tokens)
+  codes = rng.integers(0, 64, (512, 8, 8))
+  batch = masking.make_batch(codes, rng.integers(0, 10, 512), noise, config)
+  rate = np.arccos(noise.ratio.astype(np.float64)) / (np.pi / 2)
+  np.testing.assert_array_equal(batch["mask"], noise.position < rate.astype(np.float32)[:, None])
+  counts = batch["mask"].sum(1)
+  assert len(np.unique(counts)) > 20  # not a fixed count per ratio: independent tokens
+  # Each row's masked fraction is its rate up to binomial noise (std of the mean over rows: ~0.003).
+  assert abs((batch["mask"].mean(1) - rate).mean()) < 0.012
+  np.testing.assert_array_equal(batch["input_ids"][:, 1:][batch["mask"]], -1)
+  with pytest.raises(configs.ConfigError, match="train.masking"):
+    tiny().with_overrides({"train.masking": "random"})
+
+
 def test_training_batches_are_a_pure_function_of_step_and_position(tmp_path):
   config = tiny().with_overrides({"train.batch_size": 8})
   ds = data_lib.SyntheticDataset(20, config.image_size, config.num_class)
@@ -150,10 +168,24 @@ def test_training_batches_are_a_pure_function_of_step_and_position(tmp_path):
 # Training helpers --------------------------------------------------------------------------------------------
 def test_learning_rate_warmup_and_cosine():
   train = configs.TrainConfig(lr=1e-3, warmup_steps=10, num_train_steps=110, lr_schedule="cosine")
-  assert training.learning_rate(0, train) == pytest.approx(1e-4)
-  assert training.learning_rate(9, train) == pytest.approx(1e-3)
-  assert training.learning_rate(60, train) == pytest.approx(5e-4)
-  assert training.learning_rate(110, train) == pytest.approx(0.0, abs=1e-12)
+  lr = lambda step: training.learning_rate(step, train.lr, train.warmup_steps, train.lr_schedule,
+                                           train.num_train_steps)
+  assert lr(0) == pytest.approx(1e-4)
+  assert lr(9) == pytest.approx(1e-3)
+  assert lr(60) == pytest.approx(5e-4)
+  assert lr(110) == pytest.approx(0.0, abs=1e-12)
+  assert training.learning_rate(500, 1e-3, 10) == 1e-3  # constant after the warmup
+
+
+def test_data_order_is_one_scheme_for_every_trainer():
+  """Epoch permutations read from a position: batches cross epoch boundaries, and with a batch size dividing the
+  dataset it is the tokenizer trainers' former per-epoch order (each epoch a permutation, read in batches)."""
+  order = training.DataOrder(20, seed=5)
+  stream = np.concatenate([order.indices(8 * s, 8) for s in range(5)])  # 40 examples = two epochs
+  assert sorted(stream[:20]) == list(range(20)) and sorted(stream[20:]) == list(range(20))
+  np.testing.assert_array_equal(stream[:20], np.random.default_rng([5, 0, 0]).permutation(20))
+  np.testing.assert_array_equal(training.DataOrder(20, seed=5).indices(13, 11), stream[13:24])  # any position
+  assert not np.array_equal(stream[:20], stream[20:])
 
 
 def test_checkpoint_dir_keeps_last_n_and_skips_corrupt(tmp_path):
@@ -181,17 +213,17 @@ def test_checkpoint_dir_keeps_last_n_and_skips_corrupt(tmp_path):
 
 
 def test_metrics_writer_tensorboard_events_and_resume(tmp_path):
+  pytest.importorskip("tensorboard")
   writer = training.MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):
     writer.write(step, {"loss": 1.0 / step, "lr": 0.5})
   writer.close()
-  writer = training.MetricsWriter(str(tmp_path), resume_step=2)
+  writer = training.MetricsWriter(str(tmp_path), resume_step=2)  # resumed from step 2: step 3 is logged again
   writer.write(3, {"loss": 7.0})
   writer.close()
   rows = training.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 7.0)]
-  events = sorted(f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents"))
-  read = [e for f in events for e in training.read_events(str(tmp_path / f))]
-  assert read[0] == (1, {"loss": 1.0, "lr": 0.5})
-  assert read[2][0] == 3 and read[2][1]["loss"] == pytest.approx(1 / 3, rel=1e-7)
-  assert not math.isnan(read[-1][1]["loss"]) and read[-1][0] == 3
+  assert len([f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]) == 2
+  scalars = tensorboard_scalars(str(tmp_path))
+  assert scalars["loss"] == [(1, 1.0), (2, 0.5), (3, 7.0)]  # the first run's step 3 purged by the resumed one
+  assert scalars["lr"] == [(1, 0.5), (2, 0.5)]

@@ -5,7 +5,6 @@ gives codes with real structure in milliseconds, so the tests exercise the train
 The whole path from images through a real tokenizer is in the slow tests.
 """
 
-import json
 import math
 import os
 import signal
@@ -18,33 +17,12 @@ import numpy as np
 import pytest
 
 import configs
+import conversion
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, training
+from tests.helpers import patch_encoder, small_train_config as small_config, tensorboard_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def patch_encoder(config):
-  """A stand-in tokenizer: the mean colour of each f x f patch quantised to 4 levels per channel (64 codes)."""
-  f = config.downsample_factor
-
-  def encode(images):
-    b, h, w, _ = images.shape
-    mean = images.reshape(b, h // f, f, w // f, f, 3).mean(axis=(2, 4))
-    q = np.clip((mean * 4).astype(np.int64), 0, 3)
-    return (q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]) % config.codebook_size
-  return encode
-
-
-def small_config(cache: str = "", **train):
-  """The tiny preset with a 1-layer 32-wide transformer and batch 16 (seconds per run on a CPU)."""
-  overrides = {"transformer.num_layers": 1, "transformer.num_embeds": 32, "transformer.num_heads": 2,
-               "transformer.intermediate_size": 64, "train.batch_size": 16, "train.warmup_steps": 5,
-               "train.num_train_steps": 30, "train.checkpoint_every_steps": 10, "train.log_every_steps": 5}
-  if cache:
-    overrides.update({"data.dataset": "tokens", "data.token_cache": cache})
-  overrides.update({f"train.{k}": v for k, v in train.items()})
-  return configs.get_preset("tiny").with_overrides(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +78,9 @@ def test_learns_resumes_exactly_and_skips_a_corrupt_checkpoint(name, cache, tmp_
 
   ckpts = training.CheckpointDir(os.path.join(workdir, "checkpoints"))
   assert ckpts.steps() == [10, 20, 30]
+  meta = ckpts.verify(30)[2]["meta"]  # what the resume checks read: the writer, the data position, the run
+  assert (meta["backend"], meta["step"], meta["position"]) == (name, 30, 30 * 16)
+  assert meta["run"] == training.transformer_fingerprint(config)
   # Corrupt the newest checkpoint: the run must warn, resume from step 20 and retrace the same losses bit for bit.
   newest = ckpts.path(30)
   victim = max((os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs if f != training.MANIFEST),
@@ -115,9 +96,9 @@ def test_learns_resumes_exactly_and_skips_a_corrupt_checkpoint(name, cache, tmp_
   logged = training.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30]  # the resumed steps replaced, not repeated
   assert logged[-1]["loss"] == pytest.approx(losses[29], rel=1e-6)
-  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
-  steps = sorted({s for f in events for s, _ in training.read_events(os.path.join(workdir, f))})
-  assert steps == [5, 10, 15, 20, 25, 30]
+  scalars = tensorboard_scalars(workdir)  # as TensorBoard shows them: the resumed steps purged, not repeated
+  assert [s for s, _ in scalars["loss"]] == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([v for _, v in scalars["loss"]], losses[4::5], rtol=1e-7)
   exported = configs.MaskGITConfig.load(os.path.join(workdir, "export", "config.json"))
   assert exported == config
 
@@ -172,8 +153,8 @@ def test_one_step_cross_backend_parity(tmp_path):
   optimizer = torch_train.make_optimizer(model, config.train)
   torch_metrics = torch_train.train_step(model, optimizer, torch_train.EMA(model),
                                          {k: torch.from_numpy(batch[k]) for k in torch_train.BATCH_KEYS}, lr, config)
-  assert abs(float(jax_metrics["loss"]) - torch_metrics["loss"]) <= 2e-6
-  assert float(jax_metrics["grad_norm"]) == pytest.approx(torch_metrics["grad_norm"], rel=1e-5)
+  assert abs(float(jax_metrics["loss"]) - float(torch_metrics["loss"])) <= 2e-6
+  assert float(jax_metrics["grad_norm"]) == pytest.approx(float(torch_metrics["grad_norm"]), rel=1e-5)
 
   want = conversion.flatten({"params": jax.device_get(new_state["params"])})
   got = torch_checkpoint.to_flat(config, "transformer", model)
@@ -185,12 +166,81 @@ def test_one_step_cross_backend_parity(tmp_path):
   assert moved > 0.5 * lr  # the step really moved the weights, so the comparison is not vacuous
 
 
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_gradient_accumulation_equals_one_batch_k_times_larger(name):
+  """train.grad_accum=4 splits the batch of 16 into 4 micro-batches: loss, gradient norm and the AdamW update equal
+  the one-batch step up to float32 rounding (measured on CPU: equal losses, grad norms within 1 ulp, weights
+  within 3.5e-7 (JAX) and 2.2e-8 (torch) while each moved by ~lr = 1e-3. The weights bound is the cross-backend
+  step's above, for the same reason: Adam's first step turns rounding-level gradients into moves of up to lr)."""
+  backend(name)
+  lr = 1e-3
+  config = small_config(lr=lr, warmup_steps=0).with_overrides({"transformer.dropout_rate": 0.0})
+  rng = np.random.default_rng(1)
+  codes = rng.integers(0, config.codebook_size, (16, config.latent_size, config.latent_size))
+  labels = rng.integers(0, config.num_class, 16)
+  batch = masking.make_batch(codes, labels, masking.draw_noise(rng, 16, config.num_tokens), config)
+  runs = {}
+  for k in (1, 4):
+    cfg = config.with_overrides({"train.grad_accum": k})
+    if name == "jax":
+      import jax  # pylint: disable=import-outside-toplevel
+      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+      from maskgit_jax import train as jax_train  # pylint: disable=import-outside-toplevel
+      state = jax_train.create_state(cfg, jax_train.initial_params(cfg, 0))
+      new, metrics = jax.jit(jax_train.make_train_step(cfg))(state, {k: jnp.asarray(batch[k]) for k in
+                                                                     jax_train.BATCH_KEYS}, jnp.float32(lr), 0)
+      weights = conversion.flatten({"params": jax.device_get(new["params"])})
+    else:
+      import torch  # pylint: disable=import-outside-toplevel
+      from maskgit_torch import train as torch_train  # pylint: disable=import-outside-toplevel
+      from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
+      torch.manual_seed(0)
+      model = Transformer(cfg)
+      metrics = torch_train.train_step(model, torch_train.make_optimizer(model, cfg.train), None,
+                                       {k: torch.from_numpy(batch[k]) for k in torch_train.BATCH_KEYS}, lr, cfg)
+      weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    runs[k] = ({m: float(metrics[m]) for m in ("loss", "grad_norm")}, weights)
+  (one, w1), (four, w4) = runs[1], runs[4]
+  assert four["loss"] == pytest.approx(one["loss"], rel=1e-6) and four["loss"] > 1.0
+  assert four["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and four["grad_norm"] > 0.01
+  for key in w1:
+    np.testing.assert_allclose(w4[key], w1[key], rtol=0, atol=2e-3 * lr, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_a_row_without_masked_tokens_adds_nothing_to_the_loss(name):
+  """Bernoulli masking can mask no token of a row: its masked-token loss is 0 / 0; it must count as 0, and the
+  other rows keep the official per-example mean."""
+  backend(name)
+  from maskgit_common.token_layout import token_layout  # pylint: disable=import-outside-toplevel
+  config = small_config()
+  layout = token_layout(config)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, config.seq_len, layout.logits_width)).astype(np.float32)
+  targets = rng.integers(0, config.codebook_size, (2, config.num_tokens)).astype(np.int32)
+  weights = np.zeros((2, config.num_tokens), np.float32)
+  weights[0, :5] = 1.0
+  if name == "jax":
+    from maskgit_jax.train import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+    loss, (_, counted) = cross_entropy_loss(logits, targets, weights, 0.1, layout)
+    one, _ = cross_entropy_loss(logits[:1], targets[:1], weights[:1], 0.1, layout)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    from maskgit_torch.train import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+    t = lambda x: torch.from_numpy(x)
+    loss, (_, counted) = cross_entropy_loss(t(logits), t(targets), t(weights), 0.1, layout)
+    one, _ = cross_entropy_loss(t(logits[:1]), t(targets[:1]), t(weights[:1]), 0.1, layout)
+  assert np.isfinite(float(loss)) and float(counted) == 5.0
+  assert float(loss) == pytest.approx(float(one) / 2, rel=1e-6)  # the empty row: 0 in the batch mean
+
+
 # Data parallel and kill -9 (subprocesses: slow) ------------------------------------------------------------------
 _SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_train as t
-cfg = t.small_config({cache!r}, num_train_steps={steps}, log_every_steps=1).with_overrides({overrides!r})
+from tests.helpers import small_train_config
+cfg = small_train_config({cache!r}, num_train_steps={steps}, log_every_steps=1).with_overrides({overrides!r})
 t.backend({name!r}).train(cfg, {workdir!r}, progress=False)
 """
 
@@ -204,11 +254,7 @@ def _script(tmp_dir, name, cache, workdir, steps, overrides=None):
 
 
 def _run(name, cache, workdir, steps, env=None, launcher=(), overrides=None):
-  """Trains in a subprocess; returns the per-step losses of metrics.jsonl (exact: JSON keeps every float bit).
-
-  Under torchrun the trainer ends the process itself (os._exit after destroying its gloo group), so results come
-  through files, not stdout.
-  """
+  """Trains in a subprocess; returns the per-step losses of metrics.jsonl (exact: JSON keeps every float bit)."""
   script = _script(os.path.dirname(workdir), name, cache, workdir, steps, overrides)
   proc = subprocess.run([*launcher, script] if launcher else [sys.executable, script], capture_output=True,
                         text=True, env={**os.environ, **(env or {})}, timeout=600, check=False)
@@ -281,10 +327,30 @@ def test_tiny_preset_on_synthetic_images(name, tmp_path):
 def test_jax_state_checkpoint_accepts_a_relative_workdir(tmp_path, monkeypatch):
   """orbax wants absolute paths; `run.py train --workdir runs/x` passes a relative one."""
   pytest.importorskip("flax")
-  from maskgit_jax import train as jax_train  # pylint: disable=import-outside-toplevel
+  from maskgit_jax import train_state  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
   state = {"step": np.int32(3), "w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-  jax_train.save_state("relative/ckpt", state)
-  restored = jax_train.restore_state("relative/ckpt", state)
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  assert int(restored["step"]) == 3
+  os.makedirs("relative/ckpt")
+  train_state.save("relative/ckpt", state)
+  chex = pytest.importorskip("chex")
+  chex.assert_trees_all_equal(train_state.restore("relative/ckpt", state), state)
+
+
+def test_jax_trainers_and_their_tensorboard_logs_never_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed; the JAX trainers' MetricsWriter must not (the backends
+  never import each other)."""
+  pytest.importorskip("flax")
+  code = f"""
+import sys
+import maskgit_jax.train, maskgit_jax.train_tokenizer
+from maskgit_common import training
+writer = training.MetricsWriter({str(tmp_path)!r})
+writer.write(1, {{"loss": 1.5}})
+writer.close()
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                        env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+  assert tensorboard_scalars(str(tmp_path))["loss"] == [(1, 1.5)]

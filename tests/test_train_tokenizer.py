@@ -115,13 +115,15 @@ def test_one_step_matches_across_backends():
   """
   config = small_config()
   settings = common.resolve_settings(config)
-  tx, step = jax_train._step_function(jax_train._model_config(config), (settings.lr, 0.0, 0.99, 0), jnp.float32)
+  tx, step = jax_train._step_function(jax_train._model_config(config), (0.0, 0.99), jnp.float32)
   state = jax_train.init_state(config, tx, seed=0)
   model = torch_train.init_model(config, 0, jax_to_torch({"params": jax.device_get(state.params)}, config,
                                                           "tokenizer"))
   optimizer = torch_train.make_optimizer(model, settings)
-  images = common.load_batch(small_dataset(config), 0, 8, 0, random_flip=True)
-  new_state, aux, grads = step(state, jnp.asarray(images))  # compiled once per module (the training runs share it)
+  dataset = small_dataset(config)
+  images = common.load_batch(dataset, training.DataOrder(len(dataset), 0), 0, 0, 8, random_flip=True)
+  # Compiled once per module (the training runs share it).
+  new_state, aux, grads = step(state, jnp.asarray(images), jnp.float32(settings.lr))
   torch_aux = torch_train.train_step(model, optimizer, torch.from_numpy(images), config, settings.lr)
 
   np.testing.assert_array_equal(np.asarray(aux["codes"]), torch_aux["codes"].numpy())
