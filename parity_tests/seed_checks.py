@@ -53,7 +53,8 @@ INTERMEDIATES = (
     ("l0_row0_logits", "", "output"),
 )
 
-_CHECKPOINTS = {}  # case path -> conversion.seed_formats.SeedCheckpoint, read once per process
+_CHECKPOINTS = {}  # _fingerprint(case) -> conversion.seed_formats.SeedCheckpoint
+_OPENED = {}  # (backend, _fingerprint(case), device) -> adapter
 
 
 def is_seed_case(case) -> bool:
@@ -74,17 +75,28 @@ def case_config(case):
   return config
 
 
+def _fingerprint(case):
+  """The case's path and its files' sizes and times: a cache entry never outlives a change of the files."""
+  stats = [os.stat(case.file(f)) for f in SEED_FILES + ("config.json",) if case.has(f)]
+  return case.path, tuple((st.st_size, st.st_mtime_ns) for st in stats)
+
+
 def checkpoint(case):
-  """The case's seed files, read and checked through conversion.seed_formats (once per process)."""
-  if case.path not in _CHECKPOINTS:
+  """The case's seed files, read and checked through conversion.seed_formats (once per process and content)."""
+  key = _fingerprint(case)
+  if key not in _CHECKPOINTS:
     from conversion import seed_formats  # pylint: disable=import-outside-toplevel
-    _CHECKPOINTS[case.path] = seed_formats.read_seed(case.path, case_config(case))
-  return _CHECKPOINTS[case.path]
+    _CHECKPOINTS[key] = seed_formats.read_seed(case.path, case_config(case))
+  return _CHECKPOINTS[key]
 
 
 def open_backend(name, case, device="cpu"):
-  """The backend adapter ("torch" or "jax") for this case; its module is imported only now."""
-  return importlib.import_module(ADAPTERS[name]).open_case(case, device)
+  """The backend adapter ("torch" or "jax") for this case, opened once per process (models loaded on first use);
+  its module is imported only now."""
+  key = (name, _fingerprint(case), str(device))
+  if key not in _OPENED:
+    _OPENED[key] = importlib.import_module(ADAPTERS[name]).open_case(case, device)
+  return _OPENED[key]
 
 
 def pending_checks(case, backends):

@@ -56,6 +56,22 @@ def _nhwc(x):
   return np.transpose(np.asarray(x), (0, 2, 3, 1))
 
 
+# Jitted model functions, one per (config, model, method, options), shared by every adapter of the process (the
+# tests and the runner see the same cases): each compiles once. Parameters are arguments, never baked in.
+_JITTED = {}
+
+
+def _jitted(config, which, method, capture):
+  """model.apply(variables, x, method=method) jitted; with `capture`, also the intermediates (by module path)."""
+  key = (config, which, method, capture)
+  if key not in _JITTED:
+    model = MODULES[which](config)
+    fn = getattr(MODULES[which], method) if isinstance(method, str) else method
+    kwargs = {"capture_intermediates": True, "mutable": ["intermediates"]} if capture else {}
+    _JITTED[key] = jax.jit(lambda v, x: model.apply(v, x, method=fn, **kwargs))
+  return _JITTED[key]
+
+
 def _distances(model, flat):
   return model.quantize.squared_distances(flat)
 
@@ -74,7 +90,6 @@ class SeedJaxCase:
     self.case = case
     self.device = device
     self._variables = {}
-    self._jitted = {}
     self.config = seed_checks.checkpoint(case).config
 
   def variables(self, which):
@@ -83,19 +98,12 @@ class SeedJaxCase:
       self._variables[which] = jax.device_put(tree, self.device) if self.device is not None else tree
     return self._variables[which]
 
-  def _apply(self, which, method, x, **kwargs):
-    """model.apply(variables, x, method=...) under one jax.jit per (model, method, options)."""
-    key = (which, method, tuple(sorted(kwargs)))
-    if key not in self._jitted:
-      model = MODULES[which](self.config)
-      fn = getattr(MODULES[which], method) if isinstance(method, str) else method
-      self._jitted[key] = jax.jit(lambda v, x: model.apply(v, x, method=fn, **kwargs))
-    return self._jitted[key](self.variables(which), jnp.asarray(x))
+  def _apply(self, which, method, x, capture=False):
+    return _jitted(self.config, which, method, capture)(self.variables(which), jnp.asarray(x))
 
   def encode(self, images):
     """The seed's encode on [-1, 1] NCHW images -> its latents, codes and codebook distances."""
-    (quantized, emb_loss, indices), state = self._apply("tokenizer", "encode", _nhwc(images),
-                                                        capture_intermediates=True, mutable=["intermediates"])
+    (quantized, emb_loss, indices), state = self._apply("tokenizer", "encode", _nhwc(images), capture=True)
     flat = flatten_intermediates(state)
     z = flat["quant_conv"]
     distances = self._apply("tokenizer", _distances, np.asarray(z).reshape(-1, z.shape[-1]))
@@ -120,6 +128,6 @@ class SeedJaxCase:
     return np.asarray(self._apply("transformer", None, ids))
 
   def intermediates(self, ids):
-    _, state = self._apply("transformer", None, ids, capture_intermediates=True, mutable=["intermediates"])
+    _, state = self._apply("transformer", None, ids, capture=True)
     flat = flatten_intermediates(state)
     return {key: np.asarray(flat[path]) for key, _, path in seed_checks.INTERMEDIATES if path in flat}
