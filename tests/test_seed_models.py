@@ -256,3 +256,13 @@ def test_dropout_is_active_only_in_training(backend):
   assert np.array_equal(run(False), run(False))
   assert not np.allclose(run(True), run(False))
   assert run(False).shape == (2, config.num_tokens, config.codebook_size + 1)
+
+
+def test_family_tables_pick_the_classes_in_both_backends():
+  from maskgit_jax import families as jax_families  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import families as torch_families  # pylint: disable=import-outside-toplevel
+  for config, names in ((configs.seed_imagenet_256(), ("VQModel", "MaskTransformer")),
+                        (configs.imagenet_256(), ("VQVAE", "Transformer"))):
+    for families in (torch_families, jax_families):
+      assert (families.model_class(config, "tokenizer").__name__,
+              families.model_class(config, "transformer").__name__) == names
