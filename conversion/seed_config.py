@@ -183,6 +183,11 @@ def check_files(config: MaskGITConfig, states: Mapping[str, Mapping], sources: M
   for which, state in states.items():
     if state is None:
       continue
+    arch = getattr(config, which).arch
+    if arch != seed_table.ARCHS[which]:
+      sections.append(f"{which}.arch: the config has {arch!r}; {sources.get(which, 'the files')} hold the seed "
+                      f"family's {seed_table.ARCHS[which]!r}")
+      continue
     problems = key_problems(config, which, state)
     if problems:
       counts = {kind: sum(p.startswith(kind) for p in problems) for kind in ("missing", "unexpected", "wrong")}

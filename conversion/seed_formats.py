@@ -297,6 +297,15 @@ def _vqgan_in(directory: str) -> tuple[str | None, str | None]:
   return None, None
 
 
+def _vqgan_beside(directory: str) -> tuple[str | None, str | None]:
+  """The VQGAN folder next to a transformer: DIR/VQGAN, else DIR/../VQGAN (MaskGIT/ and VQGAN/ are siblings)."""
+  for candidate in (os.path.join(directory, "VQGAN"), os.path.join(os.path.dirname(directory), "VQGAN")):
+    found = _vqgan_in(candidate)
+    if found != (None, None):
+      return found
+  return None, None
+
+
 def find_seed_files(src: str) -> SeedFiles:
   """The seed files `src` names: a `.pth` (its VQGAN is looked up in ../VQGAN, the Hugging Face layout), a
   `last.ckpt` or `model.yaml` (the other one beside it or in ../configs, ../ckpts), a VQGAN folder in either
@@ -304,8 +313,7 @@ def find_seed_files(src: str) -> SeedFiles:
   src = os.path.abspath(src)
   if os.path.isfile(src):
     if src.endswith(".pth"):
-      ckpt, yaml_file = _vqgan_in(os.path.join(os.path.dirname(os.path.dirname(src)), "VQGAN"))
-      return SeedFiles(src, ckpt, yaml_file)
+      return SeedFiles(src, *_vqgan_beside(os.path.dirname(src)))
     parent = os.path.dirname(src)
     folder = os.path.dirname(parent) if os.path.basename(parent) in ("ckpts", "configs") else parent
     ckpt, yaml_file = _vqgan_in(folder)
@@ -314,7 +322,7 @@ def find_seed_files(src: str) -> SeedFiles:
     raise SeedFormatError(f"seed checkpoint {src} does not exist")
   ckpt, yaml_file = _vqgan_in(src)
   if ckpt is None and yaml_file is None:
-    ckpt, yaml_file = _vqgan_in(os.path.join(src, "VQGAN"))
+    ckpt, yaml_file = _vqgan_beside(src)
   folder = os.path.join(src, "MaskGIT") if os.path.isdir(os.path.join(src, "MaskGIT")) else src
   pths = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
   if len(pths) > 1:
@@ -341,37 +349,63 @@ def read_seed(src: str, config=None) -> SeedCheckpoint:
   Without `config`, it is inferred: the VQGAN from model.yaml, the transformer from the shapes with the seed's
   16 heads and dropout 0.1 (not in the shapes). With `config`, the fields the files imply differently are named.
   """
-  from conversion import seed_config  # pylint: disable=import-outside-toplevel
   files = find_seed_files(src)
   if files.vqgan_ckpt and not files.vqgan_yaml and config is None:
     raise SeedFormatError(f"{files.vqgan_ckpt}: its model.yaml is not beside it (nor in ../configs); the VQGAN's "
                           f"architecture needs it, or pass a config")
-  weights, extras, sources = {}, {}, {}
-  if files.transformer:
-    weights["transformer"], extras["transformer"] = read_transformer(files.transformer)
-    sources["transformer"] = files.transformer
-  if files.vqgan_ckpt:
-    weights["tokenizer"], extras["tokenizer"] = read_vqgan(files.vqgan_ckpt)
-    sources["tokenizer"] = files.vqgan_ckpt
-  implied = None
-  if files.vqgan_yaml:
-    model = read_model_yaml(files.vqgan_yaml)
+  weights, extras, sources, failures = {}, {}, {}, []
+  for which, path, reader in (("transformer", files.transformer, read_transformer),
+                              ("tokenizer", files.vqgan_ckpt, read_vqgan)):
+    try:
+      if path:
+        weights[which], extras[which] = reader(path)
+        sources[which] = path
+    except SeedFormatError as e:  # every unreadable file is named in the one error below
+      failures.append(str(e))
+  model = None
+  try:
+    model = read_model_yaml(files.vqgan_yaml) if files.vqgan_yaml else None
+  except SeedFormatError as e:
+    failures.append(str(e))
+  if failures and config is None:
+    raise SeedFormatError("\n".join(failures))
+  try:
+    config = _implied_and_checked(files, config, weights, extras, sources, model)
+  except SeedFormatError as e:
+    failures.append(str(e))
+  if failures:
+    raise SeedFormatError("\n".join(failures))
+  return SeedCheckpoint(config, weights, extras, files)
+
+
+def _implied_and_checked(files, config, weights, extras, sources, model):
+  """The config the files imply (model.yaml or the given config's tokenizer + the transformer's shapes), checked:
+  returns `config` or, when None, the implied one."""
+  from conversion import seed_config  # pylint: disable=import-outside-toplevel
+  if model is not None:  # the VQGAN's architecture: model.yaml, else the given config's
     extras.setdefault("tokenizer", {}).update(extras_of_yaml(model))
-    tokenizer = seed_config.tokenizer_from_taming(model["params"], files.vqgan_yaml)
+    params, params_source = model["params"], files.vqgan_yaml
+  elif config is not None and config.tokenizer.arch == "taming":
+    params, params_source = seed_config.taming_params(config.tokenizer), "the config's tokenizer"
+  elif config is None:
+    raise SeedFormatError(f"{files.transformer}: no VQGAN model.yaml beside it (VQGAN/ or ../VQGAN/): the codebook "
+                          f"size and the downsampling factor come from it; pass the VQGAN too, or a config")
+  else:
+    params = None
+  implied = None
+  if params is not None:
     maskgit = None
     if "transformer" in weights:
       tr = config.transformer if config is not None and config.transformer.arch == "seed" else None
       maskgit = seed_config.implied_maskgit(
-          weights["transformer"], tokenizer, heads=tr.num_heads if tr else seed_config.SEED_HEADS,
+          weights["transformer"], seed_config.tokenizer_from_taming(params, params_source),
+          heads=tr.num_heads if tr else seed_config.SEED_HEADS,
           dropout=tr.dropout_rate if tr else seed_config.SEED_DROPOUT, source=files.transformer)
-    implied = seed_config.config_from_seed(model["params"], maskgit, like=config, source=files.vqgan_yaml,
+    implied = seed_config.config_from_seed(params, maskgit, like=config, source=params_source,
                                            name=config.name if config is not None else "seed")
-  elif config is None:
-    raise SeedFormatError(f"{files.transformer}: no VQGAN model.yaml in ../VQGAN: the codebook size and the "
-                          f"downsampling factor come from it; pass the VQGAN too, or a config")
   config = config if config is not None else implied
   seed_config.check_files(config, weights, sources, implied)
-  return SeedCheckpoint(config, weights, extras, files)
+  return config
 
 
 def write_seed(dst: str, config, weights: Mapping, extras: Mapping | None = None, overwrite: bool = False,

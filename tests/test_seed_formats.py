@@ -311,6 +311,33 @@ def test_config_round_trips_through_the_seeds_names():
 
 
 def test_formats_import_neither_torch_nor_jax():
-  code = ("import sys, conversion.seed_formats, conversion.seed_table, conversion.seed_config, parity_tests.seed_checks; "
+  code = ("import sys, conversion.seed_formats, conversion.seed_table, conversion.seed_config; "
+          "import parity_tests.seed_checks; "
           "bad = [m for m in ('torch', 'jax', 'flax') if m in sys.modules]; assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_a_lone_transformer_is_checked_against_the_given_config(tmp_path):
+  case = _case()
+  config = seed_checks.case_config(case)
+  shutil.copy(case.file("MaskGIT/current.pth"), tmp_path / "current.pth")
+  with pytest.raises(SeedFormatError, match="no VQGAN model.yaml beside it"):
+    seed_formats.read_seed(str(tmp_path / "current.pth"))
+  alone = seed_formats.read_seed(str(tmp_path / "current.pth"), config)
+  assert set(alone.weights) == {"transformer"} and alone.config == config
+  with pytest.raises(SeedFormatError, match=r"transformer\.intermediate_size: the config has 8, the files imply"):
+    seed_formats.read_seed(str(tmp_path / "current.pth"), config.with_overrides(["transformer.intermediate_size=8"]))
+  import configs  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SeedFormatError, match=r"transformer\.arch: the config has 'maskgit'"):
+    seed_formats.read_seed(case.path, configs.tiny())
+
+
+def test_every_damaged_file_and_key_problem_is_in_the_one_error(case_copy):
+  dst, config = case_copy
+  pth = dst / "MaskGIT" / "current.pth"
+  pth.write_bytes(pth.read_bytes()[:1000])
+  (dst / "VQGAN" / "model.yaml").write_text("model: [unclosed\n")
+  with pytest.raises(SeedFormatError) as e:
+    seed_formats.read_seed(str(dst), config.with_overrides([f"tokenizer.codebook_size={config.codebook_size + 1}"]))
+  text = str(e.value)
+  assert str(pth) in text and "model.yaml" in text and "wrong shape: quantize.embedding.weight" in text

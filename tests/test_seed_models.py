@@ -141,7 +141,8 @@ def test_strict_load_names_every_key():
 def test_seed_presets_and_parameter_counts():
   """The seed README's sizes (174.161M transformer, 72.142M VQGAN without the loss), counted without allocating
   (torch meta device, jax.eval_shape), and the published sampling settings."""
-  from maskgit_jax import seed_transformer as jax_transformer, taming as jax_taming  # pylint: disable=import-outside-toplevel
+  from maskgit_jax import seed_transformer as jax_transformer  # pylint: disable=import-outside-toplevel
+  from maskgit_jax import taming as jax_taming  # pylint: disable=import-outside-toplevel
   from maskgit_torch import seed_transformer, taming  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   expected = {"transformer": 174_160_874, "tokenizer": 72_141_699}
