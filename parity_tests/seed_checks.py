@@ -11,7 +11,8 @@ numpy in, numpy out, NCHW as the fixtures) and a `case.Case`, and returns one re
   `encode(images)` both give `codes` exactly; encoder_output, quant_conv_output, quantized and emb_loss within the
   backend's decode bound (detail), and the codebook distances' error against the smallest argmin margin.
 - `<backend>.tokenizer.decode`: `decode_code(codes)`, `decode_code(random_codes)` and `decode(quantized)` within
-  1e-5 (torch) / 1e-4 (JAX) of the seed's, and the common `decode_from_indices` on the [0, 1] scale.
+  1e-5 (torch) / 1e-4 (JAX) of the seed's, and the common `decode_from_indices` on the [0, 1] scale. torch runs on
+  the CPU thread count the case records (its kernels round by thread count; see seed_torch._reference_threads).
 - `<backend>.transformer.logits`: every input set of transformer_io.npz, all rows and positions, within
   1e-6 * max(1, max|logits|) (torch) / 1e-5 * max(1, max|logits|) (JAX) per set; the ids are built with the token
   layout (class token last, null class for dropped labels). The row-0 intermediates (forward hooks / flax

@@ -6,6 +6,7 @@ the modules named in `seed_checks.INTERMEDIATES` (the seed's own module names). 
 """
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -60,6 +61,28 @@ def record(model, names):
       handle.remove()
 
 
+def _reference_threads(method):
+  """Runs an adapter method on the torch CPU thread count the fixture was made with (config.json
+  versions.torch_num_threads; the seed fixtures record 1), then restores the count.
+
+  torch's CPU convolution and norm kernels split their float32 reductions by thread, so the thread count changes
+  the rounding: a random 128 px taming decode differs by 1.4e-5 between 1 and 2 threads, above the 1e-5 bound,
+  while on the recorded count our modules give the seed's arrays bit for bit (the dev cases: max diff 0).
+  """
+  @functools.wraps(method)
+  def wrapper(self, *args):
+    threads = self.case.official.get("versions", {}).get("torch_num_threads")
+    if self.device.type != "cpu" or not threads:
+      return method(self, *args)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+      return method(self, *args)
+    finally:
+      torch.set_num_threads(previous)
+  return wrapper
+
+
 def open_case(case, device="cpu"):
   return SeedTorchCase(case, device)
 
@@ -88,6 +111,7 @@ class SeedTorchCase:
   def _numpy(x):
     return x.detach().cpu().numpy()
 
+  @_reference_threads
   @torch.inference_mode()
   def encode(self, images):
     """The seed's encode on [-1, 1] NCHW images -> its latents, codes and codebook distances."""
@@ -101,26 +125,32 @@ class SeedTorchCase:
             "quantized": self._numpy(quantized), "emb_loss": self._numpy(emb_loss),
             "codes": self._numpy(indices.reshape(b, h, w)), "distances": self._numpy(distances)}
 
+  @_reference_threads
   @torch.inference_mode()
   def encode_to_indices(self, images_nhwc):
     return self._numpy(self.model("tokenizer").encode_to_indices(self._tensor(images_nhwc)))
 
+  @_reference_threads
   @torch.inference_mode()
   def decode_code(self, codes):
     return self._numpy(self.model("tokenizer").decode_code(self._tensor(codes)))
 
+  @_reference_threads
   @torch.inference_mode()
   def decode(self, quantized):
     return self._numpy(self.model("tokenizer").decode(self._tensor(quantized)))
 
+  @_reference_threads
   @torch.inference_mode()
   def decode_from_indices(self, codes):
     return self._numpy(self.model("tokenizer").decode_from_indices(self._tensor(codes)))
 
+  @_reference_threads
   @torch.inference_mode()
   def logits(self, ids):
     return self._numpy(self.model("transformer")(self._tensor(ids)))
 
+  @_reference_threads
   @torch.inference_mode()
   def intermediates(self, ids):
     model = self.model("transformer")

@@ -267,3 +267,18 @@ def test_family_tables_pick_the_classes_in_both_backends():
     for families in (torch_families, jax_families):
       assert (families.model_class(config, "tokenizer").__name__,
               families.model_class(config, "transformer").__name__) == names
+
+
+def test_torch_checks_run_on_the_fixtures_thread_count_and_restore_it(adapters):
+  """torch's CPU kernels round by thread count; the adapter uses the count the case records, then restores ours."""
+  b, case = adapters(CASES[0], "torch")
+  recorded = case.official["versions"]["torch_num_threads"]
+  seen = []
+  original = b.model("tokenizer").decoder.forward
+  b.model("tokenizer").decoder.forward = lambda z: seen.append(torch.get_num_threads()) or original(z)
+  before = torch.get_num_threads()
+  try:
+    b.decode_code(case.npz("tokenizer_io.npz")["codes"])
+  finally:
+    del b.model("tokenizer").decoder.forward
+  assert seen == [recorded] and torch.get_num_threads() == before
