@@ -18,16 +18,12 @@ also the index order of its AdamW state (`model.parameters()`).
 from __future__ import annotations
 
 from conversion.table import TRANSFORMS, Rule, to_jax, to_torch, torch_shape
+from conversion.table import _conv as _conv_rules, _norm  # pylint: disable=protected-access
 
 __all__ = ["ARCHS", "Rule", "TRANSFORMS", "param_table", "state_dict_order", "to_jax", "to_torch", "torch_shape"]
 
 # The architecture each part of the config must have for this table.
 ARCHS = {"transformer": "seed", "tokenizer": "taming"}
-
-
-def _norm(rules, jax_prefix, torch_prefix, channels):
-  rules.append(Rule(f"{jax_prefix}/scale", f"{torch_prefix}.weight", "identity", (channels,)))
-  rules.append(Rule(f"{jax_prefix}/bias", f"{torch_prefix}.bias", "identity", (channels,)))
 
 
 def _dense(rules, jax_prefix, torch_prefix, cin, cout, weight="weight", bias="bias"):
@@ -36,8 +32,7 @@ def _dense(rules, jax_prefix, torch_prefix, cin, cout, weight="weight", bias="bi
 
 
 def _conv(rules, jax_prefix, torch_prefix, k, cin, cout):
-  rules.append(Rule(f"{jax_prefix}/kernel", f"{torch_prefix}.weight", "conv", (k, k, cin, cout)))
-  rules.append(Rule(f"{jax_prefix}/bias", f"{torch_prefix}.bias", "identity", (cout,)))
+  _conv_rules(rules, jax_prefix, torch_prefix, k, cin, cout, bias=True)  # every taming conv has a bias
 
 
 # Transformer (valeoai MaskGIT-pytorch v1) --------------------------------------------------------------------------

@@ -282,3 +282,15 @@ def test_torch_checks_run_on_the_fixtures_thread_count_and_restore_it(adapters):
   finally:
     del b.model("tokenizer").decoder.forward
   assert seen == [recorded] and torch.get_num_threads() == before
+
+
+def test_seed_cases_are_recognised_from_their_files():
+  official = os.path.join(os.path.dirname(DATA), "data")
+  for name in sorted(os.listdir(official)):
+    if os.path.isfile(os.path.join(official, name, "config.json")):
+      assert not seed_checks.is_seed_case(Case(os.path.join(official, name))), name
+  for name in CASES:
+    case = Case(os.path.join(DATA, name))
+    assert seed_checks.is_seed_case(case)
+    pending = seed_checks.pending_checks(case, BACKENDS)
+    assert "torch.train.step" in pending and "jax.sample.default.tokens" in pending
