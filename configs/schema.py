@@ -15,7 +15,7 @@ import os
 import typing
 from typing import Any, Mapping, Sequence
 
-from maskgit_common import fileio
+from maskgit_common import fileio, token_layout
 from maskgit_common.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -70,9 +70,23 @@ def check_schedule_name(value, field: str) -> None:
   _check_choice(value, field, OFFICIAL_SCHEDULES + ("arccos", "square", "root"))
 
 
+# Model families (docs/ARCHITECTURE.md, "Model families"): the default is the official MaskGIT in both sections.
+TOKENIZER_ARCHS = ("maskgit", "taming")
+TRANSFORMER_ARCHS = ("maskgit", "seed")
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-  """VQGAN tokenizer without attention (official `config.vqvae`)."""
+  """The VQGAN tokenizer. `arch` picks the family:
+
+  maskgit  the official tokenizer without attention (official `config.vqvae`), images in [0, 1].
+  taming   taming-transformers' VQGAN (`taming.models.vqgan.VQModel`, as valeoai MaskGIT-pytorch ships it): attention
+           blocks, strided-conv downsampling, images in [-1, 1]. Its model.yaml names map to ours: ch -> filters,
+           ch_mult -> channel_multipliers, embed_dim -> embedding_dim, n_embed -> codebook_size; z_channels,
+           resolution, attn_resolutions, dropout_rate, in_channels and out_channels (ddconfig) are taming-only
+           (left at their defaults for maskgit). GroupNorm is 32 groups, eps 1e-6 in both families.
+  """
+  arch: str = "maskgit"
   filters: int = 128
   channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -90,8 +104,17 @@ class TokenizerConfig:
   entropy_loss_ratio: float = 0.1
   entropy_temperature: float = 0.01
   entropy_loss_type: str = "softmax"
+  # taming only (ddconfig): latent channels before quant_conv, the resolution that attn_resolutions count from
+  # (the 512px seed model keeps the 256px VQGAN's resolution: 256), where AttnBlocks go, ResnetBlock dropout.
+  z_channels: int = 0
+  resolution: int = 0
+  attn_resolutions: tuple[int, ...] = ()
+  dropout_rate: float = 0.0
+  in_channels: int = 3
+  out_channels: int = 3
 
   def validate(self, prefix: str = "tokenizer") -> None:
+    _check_choice(self.arch, f"{prefix}.arch", TOKENIZER_ARCHS)
     _check_int(self.filters, f"{prefix}.filters", 1)
     _check(len(self.channel_multipliers) >= 1, f"{prefix}.channel_multipliers", "needs at least one level")
     for i, m in enumerate(self.channel_multipliers):
@@ -103,7 +126,8 @@ class TokenizerConfig:
     _check_choice(self.activation_fn, f"{prefix}.activation_fn", ("swish", "relu"))
     _check_choice(self.quantizer, f"{prefix}.quantizer", ("vq",))
     _check(self.conv_downsample is False, f"{prefix}.conv_downsample",
-           "only False (2x2 average pooling, as the released models) is implemented")
+           "only False is implemented (maskgit: 2x2 average pooling, as the released models; taming always "
+           "downsamples with its own zero-padded stride-2 conv)")
     _check_int(self.num_groups, f"{prefix}.num_groups", 1)
     for i, m in enumerate(self.channel_multipliers):
       _check(self.filters * m % self.num_groups == 0, f"{prefix}.filters",
@@ -114,15 +138,54 @@ class TokenizerConfig:
     _check_float(self.entropy_loss_ratio, f"{prefix}.entropy_loss_ratio", 0.0)
     _check_float(self.entropy_temperature, f"{prefix}.entropy_temperature", 0.0, lo_open=True)
     _check_choice(self.entropy_loss_type, f"{prefix}.entropy_loss_type", ("softmax", "argmax"))
+    for i, r in enumerate(self.attn_resolutions):
+      _check_int(r, f"{prefix}.attn_resolutions[{i}]", 1)
+    _check_float(self.dropout_rate, f"{prefix}.dropout_rate", 0.0)
+    _check(self.dropout_rate < 1.0, f"{prefix}.dropout_rate", "must be < 1")
+    _check_int(self.in_channels, f"{prefix}.in_channels", 1)
+    _check_int(self.out_channels, f"{prefix}.out_channels", 1)
+    if self.arch == "taming":
+      _check_int(self.z_channels, f"{prefix}.z_channels", 1)
+      _check_int(self.resolution, f"{prefix}.resolution", 1)
+      # taming builds VectorQuantizer2(beta=0.25) and swish/GroupNorm everywhere; nothing else is implemented.
+      _check(self.commitment_cost == 0.25, f"{prefix}.commitment_cost", "must be 0.25 for arch=taming (beta of "
+             "taming's VectorQuantizer2)")
+      _check(self.activation_fn == "swish", f"{prefix}.activation_fn", "must be 'swish' for arch=taming")
+    else:
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      for name in ("z_channels", "resolution", "attn_resolutions", "dropout_rate", "in_channels", "out_channels"):
+        default = defaults[name]
+        _check(getattr(self, name) == default, f"{prefix}.{name}",
+               f"applies to arch=taming only; leave it at {default!r} for arch={self.arch!r}")
 
   @property
   def downsample_factor(self) -> int:
     return 2 ** (len(self.channel_multipliers) - 1)
 
+  @property
+  def level_resolutions(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """taming: (encoder, decoder) resolution of each level 0..n-1, the counts `attn_resolutions` is matched
+    against, with taming's integer arithmetic: the encoder halves `resolution` at each downsample, the decoder
+    starts from resolution // 2**(n-1) and doubles (so they differ when `resolution` is not a multiple of f)."""
+    n = len(self.channel_multipliers)
+    encoder = tuple(self.resolution // 2 ** lvl for lvl in range(n))
+    decoder = tuple((self.resolution // 2 ** (n - 1)) * 2 ** (n - 1 - lvl) for lvl in range(n))
+    return encoder, decoder
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Bidirectional BERT-style transformer (official `config.transformer`; `num_embeds` is the hidden size)."""
+  """The bidirectional transformer. `arch` picks the family:
+
+  maskgit  the official post-LN BERT (official `config.transformer`; `num_embeds` is the hidden size).
+  seed     valeoai MaskGIT-pytorch v1 `MaskTransformer`: pre-LN blocks, exact GELU, first/last layer stacks, a
+           per-position output bias, the class token last (maskgit_common/token_layout.py). Its names map to ours:
+           hidden_dim -> num_embeds, depth -> num_layers, heads -> num_heads, mlp_dim -> intermediate_size,
+           dropout -> dropout_rate; codebook_size is tokenizer.codebook_size, nclass is num_class.
+           `layer_norm_eps` is the eps of first_layer/last_layer (1e-12); the blocks use torch's default 1e-5.
+  `mask_token_id` is the official field (-1) for both: the seed's mask id K comes from the token layout.
+  """
+  arch: str = "maskgit"
   num_layers: int = 24
   num_embeds: int = 768
   num_heads: int = 16
@@ -133,6 +196,7 @@ class TransformerConfig:
   layer_norm_eps: float = 1e-12  # BERT value, official LAYERNORM_EPSILON
 
   def validate(self, prefix: str = "transformer") -> None:
+    _check_choice(self.arch, f"{prefix}.arch", TRANSFORMER_ARCHS)
     _check_int(self.num_layers, f"{prefix}.num_layers", 1)
     _check_int(self.num_embeds, f"{prefix}.num_embeds", 1)
     _check_int(self.num_heads, f"{prefix}.num_heads", 1)
@@ -297,7 +361,9 @@ class MaskGITConfig:
   """The whole model: tokenizer + transformer + how to sample, train and read data.
 
   Derived sizes (FORMAT.md notation): f = downsample_factor, h = latent_size, L = num_tokens = h*h,
-  S = seq_len = L + 1 (class token first), K = codebook_size, V = vocab_size = K + num_class + 1.
+  S = seq_len = L + 1 (with the class token), K = codebook_size, V = vocab_size = rows of the token embedding:
+  K + num_class + 1 (official) or K + 1 + num_class + 1 (seed: a mask row and a null-class row of their own).
+  Where the class token sits and the special ids are the token layout's (maskgit_common/token_layout.py).
   """
   name: str = "custom"
   image_size: int = 256
@@ -347,11 +413,13 @@ class MaskGITConfig:
 
   @property
   def vocab_size(self) -> int:
-    return self.codebook_size + self.num_class + 1
+    extra = 2 if self.transformer.arch == "seed" else 1  # seed: the mask id K has its own row
+    return self.codebook_size + self.num_class + extra
 
   @property
   def mask_token_id(self) -> int:
-    return self.transformer.mask_token_id
+    """The id of an unknown image token in the transformer input: -1 (official) or K (seed)."""
+    return token_layout.token_layout(self).mask_id
 
   # Copies, overrides and JSON ------------------------------------------------------------------------------------
   def replace(self, **changes) -> "MaskGITConfig":
