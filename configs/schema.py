@@ -59,7 +59,8 @@ def _check_choice(value, field: str, choices: Sequence[str]) -> None:
 
 
 def check_schedule_name(value, field: str) -> None:
-  """Schedules: the official ones, `powX` with X > 0, and the seed's (`arccos`, `square`, `root`)."""
+  """Schedules: the official ones, `powX` with X > 0, and curves named after the seed's shapes (`arccos`, `square`,
+  `root`; the official decoder uses them its own way, SamplerConfig says how)."""
   if isinstance(value, str) and value.startswith("pow"):
     try:
       exponent = float(value[3:])
@@ -157,37 +158,14 @@ SEED_SCHEDULES = ("root", "linear", "square", "cosine", "arccos")  # the seed's 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Iterative parallel decoding: `decoder` picks the rules, the other fields their settings. Defaults are the
-  official decoder (`parallel_decode.decode`); every decoder is a plan for one decode loop
-  (maskgit_common/decode_plan.py, docs/ARCHITECTURE.md "Decode plan").
-
-  decoder:
-    official  google-research/maskgit: re-masks the floor(N0 * gamma((t+1)/T)) least confident tokens after each
-              step, confidence log p + choice_temperature * (1 - (t+1)/T) * Gumbel. Options on top of it (all off
-              by default): guidance_scale / guidance_schedule (classifier-free guidance (1 + w) cond - w uncond, w
-              constant or ramped linearly from 0 as w t / (T-1); the null class at the class position),
-              softmax_temperature (logits / temperature), choice_temperature_schedule (`linear` annealing, or
-              `constant`), randomize (`official`, or seed-style `linear`, `warm_up`, `random`, `none` on this
-              loop), tokens_per_step (tokens revealed per step, summing to the image tokens), order (`confidence`
-              or `halton`: re-mask by Halton rank instead of confidence).
-              mask_schedule: the official `uniform`, `linear` (= uniform), `cosine`, `log`, `exp`, `powX`, and
-              `arccos`, `square`, `root`: curves named after the seed's shapes, used the official way (floor of
-              N0 * gamma((t+1)/T), re-masking); they do NOT give the seed's per-step counts (decoder=seed does).
-    seed      valeoai MaskGIT-pytorch v1 `MaskGIT.sample`, exactly: mask_schedule is its adap_sche shape (root,
-              linear, square, cosine, arccos; `cosine` increases over the steps) or tokens_per_step its custom
-              scheduler; logits * sm_temp; CFG weight guidance_scale * t / (T-1) (T >= 2); randomize `linear`
-              (confidence log p + choice_temperature * Gumbel * (1 - t/(T-1)), float64), `warm_up`, `random`,
-              `none`; the t most confident tokens revealed per step; random_init starts from random codes (its
-              negative mask value). The mask id can be sampled, and is clamped to K-1 at the end, as the seed does.
-    halton    valeoai/Halton-MaskGIT `HaltonSampler`: cells revealed in the Halton order (halton_points points,
-              its 10,000 by default), cumulative count max(t+1, int(N (1 - arccos((t+1)/T) / (pi/2)))), constant
-              CFG guidance_scale, logits * linspace(sm_temp_min, sm_temp, T) ** temp_pow (halved for the first
-              temp_warmup steps), halton_randomize rolls each sample's order by a random offset.
-              halton ignores mask_schedule, randomize and choice_temperature (it has no confidence).
-  top_k: every decoder: the categorical draw keeps the k most likely tokens (0 = all).
-  edit_start_iter: the step an edit starts at; None = the decoder's default (official: 2, as the official editing
-  demo, or T - 1 if T <= 2; seed and halton: 0, as the seed's inpainting).
-  Fields for one decoder only must stay at their defaults with another (a clear error names them).
+  """Iterative parallel decoding: `decoder` picks the rules (official | seed | halton; configs/samplers.py says what
+  each reproduces and which field it reads), the other fields their settings. Defaults are the official decoder
+  (`parallel_decode.decode`); every decoder is a plan for one decode loop (maskgit_common/decode_plan.py).
+  Fields for one decoder only must stay at their defaults with another (the error names them).
+  With decoder=official, mask_schedule `arccos`, `square`, `root` are curves named after the seed's shapes used the
+  official way (floor(N0 * gamma((t+1)/T)) re-masked): they do NOT give the seed's per-step counts (decoder=seed
+  does). edit_start_iter None = the decoder's default (official: 2, as the official editing demo, at most T - 1;
+  seed, halton: 0, as the seed's inpainting).
   """
   num_iter: int = 8
   start_iter: int = 0
@@ -242,7 +220,7 @@ class SamplerConfig:
     self._validate_decoder(prefix)
 
   def _validate_decoder(self, prefix: str) -> None:
-    """Fields of one decoder stay at their defaults with the others; the seed's values have its own names."""
+    """Fields of one decoder stay at their defaults with the others, so no setting is silently ignored."""
     own = {"official": ("guidance_schedule", "softmax_temperature", "choice_temperature_schedule", "order"),
            "seed": ("random_init",), "halton": ("sm_temp_min", "temp_pow", "temp_warmup", "halton_randomize")}
     own["seed+halton"] = ("sm_temp",)

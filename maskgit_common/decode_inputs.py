@@ -71,7 +71,10 @@ def edit_ids(codes, latent_mask, labels, config) -> np.ndarray:
   mask = np.asarray(latent_mask, np.float32)
   if mask.shape not in ((h, h), (codes.shape[0], h, h)):
     raise InputError(f"edit: latent_mask must be ({h}, {h}) or (B, {h}, {h}), got {mask.shape}")
-  labels = np.broadcast_to(check_labels(label_list(labels), config.num_class), (codes.shape[0],))
+  labels = check_labels(label_list(labels), config.num_class)
+  if len(labels) not in (1, codes.shape[0]):
+    raise InputError(f"edit: {len(labels)} labels for {codes.shape[0]} images (give one, or one per image)")
+  labels = np.broadcast_to(labels, (codes.shape[0],))
   layout = token_layout(config)
   masked = np.where(np.broadcast_to(mask > 0.5, codes.shape), layout.mask_id, codes).reshape(codes.shape[0], -1)
   return layout.sequence(masked.astype(np.int64), layout.class_tokens(labels))
@@ -80,3 +83,35 @@ def edit_ids(codes, latent_mask, labels, config) -> np.ndarray:
 def label_list(labels) -> np.ndarray:
   """An int or a sequence of ints as a 1-D array (one label broadcasts over a batch)."""
   return np.atleast_1d(np.asarray(labels))
+
+
+class Generation:
+  """generate / edit / class_names of both pipelines, written once on top of the backend's `encode`,
+  `decode_sequences(init_ids, noise, num_iter, start_iter)`, `make_noise(seed)` and `_images_from_output(out)`."""
+
+  def class_names(self, labels: Sequence[int]) -> list[str]:
+    return class_names(self.config, labels)
+
+  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
+               return_output: bool = False):
+    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
+    out = self.decode_sequences(generation_ids(labels, self.config),
+                                noise if noise is not None else self.make_noise(seed), num_iter)
+    images, tokens = self._images_from_output(out)
+    return (images, tokens, out) if return_output else (images, tokens)
+
+  def edit(self, images, latent_mask, labels: Sequence[int], seed: int = 0, num_iter: int | None = None,
+           start_iter: int | None = None, noise=None, return_output: bool = False):
+    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
+
+    Tokens outside the mask are kept exactly (no decoder writes a known token). The decoder starts at
+    `start_iter` (default `config.sampler.edit_start`: the official editing demo's step 2, 0 for the seed's and
+    Halton's decoders). Returns the decoded images (to be blended into the originals with
+    `maskgit_common.editing`) and the tokens.
+    """
+    init_ids = edit_ids(self.encode(images), latent_mask, labels, self.config)
+    start_iter = self.config.sampler.edit_start if start_iter is None else start_iter
+    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
+                                start_iter)
+    edited, tokens = self._images_from_output(out)
+    return (edited, tokens, out) if return_output else (edited, tokens)

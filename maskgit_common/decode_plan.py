@@ -25,7 +25,6 @@ from maskgit_common import halton, schedules, seed_schedules
 from maskgit_common.errors import UserError
 
 _F32 = np.float32
-NEVER = np.iinfo(np.int32).max // 2  # rank of a cell the Halton order never reaches
 
 
 class PlanError(UserError, ValueError):
@@ -55,6 +54,12 @@ class Rule:
   random_init: bool = False  # the seed with a negative mask value: unknown tokens start as random codes
   roll_order: bool = False  # Halton randomize: each sample's order rolled by a random offset
 
+  def draw_positions(self, length: int) -> tuple[int, slice]:
+    """(positions the draws cover, the slice of them at the L image positions)."""
+    if not self.draws_on_sequence:
+      return length, slice(0, length)
+    return length + 1, slice(1, None) if self.class_position == 0 else slice(0, length)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DecodePlan:
@@ -72,26 +77,29 @@ class DecodePlan:
   uniform_index: np.ndarray  # (T,) int32: index of the uniform draw step t uses, -1 = none (warm_up, random)
   mask_len: np.ndarray | None = None  # remask: (T, S + 1) float32 floor(N0 gamma_t) for N0 in 0..S
   counts: np.ndarray | None = None  # top: (T,) tokens revealed; rank: (T,) cumulative cells
-  rank: np.ndarray | None = None  # (L,) int32 Halton rank of each cell (NEVER: not in the order)
-  order_len: int = 0  # cells in the Halton order (the roll is modulo this)
+  rank: np.ndarray | None = None  # (L,) int32 Halton rank of each cell (the roll is modulo L)
   choice_temperature: float = 0.0  # official: the Python float the traced hook multiplies by (1 - ratio)
 
   @property
   def steps(self) -> int:
     return self.num_iter - self.start_iter
 
-  def steps_run(self, unknown_per_row) -> int:
-    """Executed steps for rows with these unknown counts: all, or for the seed the steps until every token is
-    known (each step reveals min(t, remaining) per row, t = min(count, remaining summed over the batch))."""
-    if not self.rule.stop_when_done:
-      return self.steps
-    remaining = np.asarray(unknown_per_row, np.int64).copy()
+  def reveal_counts(self, unknown_per_row) -> list[int]:
+    """The seed's t of each executed step for rows with these unknown counts: the step's count clipped by the
+    unknown tokens of the whole batch; the steps end once every token is known (each step reveals min(t, left) in
+    each row). Known before the loop: the counts do not depend on the model."""
+    remaining, out = np.asarray(unknown_per_row, np.int64).copy(), []
     for step in range(self.start_iter, self.num_iter):
       if remaining.sum() == 0:
-        return step - self.start_iter
-      t = min(int(self.counts[step]), int(remaining.sum()))
-      remaining -= np.minimum(max(t, 0), remaining)
-    return self.steps
+        break
+      t = max(min(int(self.counts[step]), int(remaining.sum())), 0)
+      remaining -= np.minimum(t, remaining)
+      out.append(t)
+    return out
+
+  def steps_run(self, unknown_per_row) -> int:
+    """Executed steps: all, or for the seed the steps until every token is known (`reveal_counts`)."""
+    return len(self.reveal_counts(unknown_per_row)) if self.rule.stop_when_done else self.steps
 
   def draw_counts(self, steps_run: int | None = None) -> dict:
     """{kind: recorded draws needed} for a decode of `steps_run` executed steps (default: all)."""
@@ -102,6 +110,19 @@ class DecodePlan:
               "uniform_choice": int((self.uniform_index[executed] >= 0).sum())}
     counts["init_tokens"], counts["order_roll"] = int(rule.random_init), int(rule.roll_order)
     return counts
+
+
+class DecodeOutputViews:
+  """The framework-free views of both backends' DecodeOutput (fields final_tokens and class_position)."""
+
+  @property
+  def tokens(self):
+    """(B, L): the final image tokens (class token dropped)."""
+    return self.final_tokens
+
+  def image(self, x):
+    """The image positions of an (..., S) array (drops the class token)."""
+    return x[..., 1:] if self.class_position == 0 else x[..., :self.class_position]
 
 
 def _per_step(num_iter: int, value=0.0, dtype=_F32) -> np.ndarray:
@@ -188,9 +209,12 @@ def _seed(cfg, num_iter: int, start_iter: int, seq_len: int, layout) -> DecodePl
 def _halton(cfg, num_iter: int, start_iter: int, seq_len: int, layout) -> DecodePlan:
   """valeoai/Halton-MaskGIT `Sampler/halton_sampler.py` `HaltonSampler.__call__` (line numbers in its docs)."""
   num_tokens = seq_len - 1
-  order = halton.halton_order(_grid_side(num_tokens, "decoder='halton'"), cfg.halton_points)
-  rank = np.full(num_tokens, NEVER, np.int32)
-  rank[order] = np.arange(len(order), dtype=np.int32)
+  side = _grid_side(num_tokens, "decoder='halton'")
+  order = halton.halton_order(side, cfg.halton_points)
+  if len(order) < num_tokens:  # its sampler fails there (expand / assignment of M < N cells, l.87-93)
+    raise PlanError(f"sampler.halton_points: the first {cfg.halton_points} Halton points reach {len(order)} of the "
+                    f"{num_tokens} cells of a {side}x{side} grid, where Halton-MaskGIT's sampler fails; set "
+                    "sampler.halton_points=0 to run the sequence until every cell is covered")
   w = np.float64(cfg.guidance_scale)  # constant: (1 + w) * logit_c - w * logit_u (l.123)
   rule = Rule(decoder="halton", guidance=cfg.guidance_scale != 0, temperature="multiply", categorical="log_probs",
               top_k=cfg.top_k, confidence="none", selection="rank", draws_on_sequence=False,
@@ -199,7 +223,7 @@ def _halton(cfg, num_iter: int, start_iter: int, seq_len: int, layout) -> Decode
                                                    cfg.temp_warmup)
   return _base(rule, num_iter, start_iter, counts=seed_schedules.halton_counts(num_iter, num_tokens),
                cond_weight=_per_step(num_iter, _F32(1 + w)), uncond_weight=_per_step(num_iter, _F32(w)),
-               temperature=temperature, rank=rank, order_len=len(order))
+               temperature=temperature, rank=halton.halton_rank(side, cfg.halton_points))
 
 
 def _check_counts(counts, num_iter: int, num_tokens: int) -> tuple:

@@ -12,8 +12,8 @@ Here the radical inverse is an exact fraction n / b^k and a cell is floor(n * h 
 is off by the rounding of a float (a float radical inverse puts 1/3 * 9 at 2.999..., every side a multiple of 9 went
 wrong). The exact order equals Halton-MaskGIT's for every side 1..64 (tested against its own code's output). Its
 10,000 points do not reach every cell of grids of side 50, 52, 53 and >= 55 (a 64 x 64 grid gets 4090 of 4096
-cells); `num_points` keeps that cap by default (what its sampler does: those cells are never sampled), 0 = run the
-sequence until every cell is covered.
+cells), where its sampler then fails; `num_points` keeps that cap by default, 0 = run the sequence until every cell
+is covered.
 """
 
 from __future__ import annotations

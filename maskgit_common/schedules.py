@@ -1,9 +1,11 @@
 """Mask schedules as plain numpy float32: the reference both backends and the training masks share.
 
 `mask_ratio(ratio, total_unknown, method)` reproduces the official `maskgit/libml/mask_schedule.schedule` bit for
-bit as the golden fixtures record it (official code, jax on CPU, float32), plus the seed's schedules (valeoai
-MaskGIT-pytorch: `arccos`, `linear`, `square`, `root`). Every result is clipped to [1e-6, 1] as the official code
-does.
+bit as the golden fixtures record it (official code, jax on CPU, float32), plus three curves named after the seed's
+shapes (`arccos`, `square`, `root`; `linear` is the official alias of `uniform`), which the official decoder uses
+the official way, floor(N0 * gamma((t + 1) / T)) tokens re-masked: they share the seed's names, not its per-step
+counts (those are `maskgit_common.seed_schedules.seed_counts`, sampler.decoder=seed). Every result is clipped to
+[1e-6, 1] as the official code does.
 
 Bit-exactness needs the transcendental functions of XLA's CPU backend, not numpy's (which differ by an ulp on about
 a third of the inputs):
@@ -309,9 +311,10 @@ def confidence_weights(num_iter: int, start_iter: int, choice_temperature: float
   """Per executed step (a_t, b_t), float32 (n,), of confidence = a_t log p + b_t g, g ~ Gumbel.
 
   randomize: `official` (b = choice_temperature * (1 - (t+1)/T), the official annealing; with anneal=`constant`
-  b = choice_temperature), `linear` (the seed: b = choice_temperature * (1 - t/(T-1)), reaching 0 at the last
-  step), `warm_up` (the seed: a random order for the first 2 steps, then the model's confidence only), `random` (a
-  random order at every step: ordering by a Gumbel draw is ordering by a uniform one), `none` (confidence only).
+  b = choice_temperature), and seed-style modes on the official re-masking loop (float32; the seed's exact rules
+  are sampler.decoder=seed): `linear` (b = choice_temperature * (1 - t/(T-1)), reaching 0 at the last step),
+  `warm_up` (a random order for the first 2 steps, then the model's log-confidence), `random` (a random order at
+  every step: ordering by a Gumbel draw is ordering by a uniform one), `none` (confidence only).
   """
   if randomize not in RANDOMIZE_MODES:
     raise ValueError(f"randomize must be one of {list(RANDOMIZE_MODES)}, got {randomize!r}")

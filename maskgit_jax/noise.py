@@ -10,9 +10,23 @@ would truncate them, and read back inside the loop's float64 scope), uniform_cho
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _x64():
+  """A scoped jax.enable_x64 for the seed's float64 confidence noise (nothing to do where x64 is already on)."""
+  return jax.enable_x64(True) if not jax.config.jax_enable_x64 else contextlib.nullcontext()
+
+
+def _widen(draws, dtype):
+  if np.dtype(dtype) != np.float64:
+    return draws.astype(dtype)
+  with _x64():
+    return draws.astype(jnp.float64)
 
 
 def _array_pytree(cls):
@@ -48,9 +62,10 @@ class PRNGNoise:
     return state, jax.random.gumbel(k_sample, shape)
 
   def gumbel_choice(self, state, index, shape, dtype=jnp.float32):
+    """(float64 for the seed's confidence: float32 draws widened; the PRNG itself runs without x64.)"""
     del index
     state, k_choice = jax.random.split(state)
-    return state, jax.random.gumbel(k_choice, shape, dtype)
+    return state, _widen(jax.random.gumbel(k_choice, shape), dtype)
 
   def uniform_choice(self, state, index, shape):
     del index
@@ -104,16 +119,17 @@ class RecordedNoise:
     if have[0] <= 0 or have[1:] != tuple(shape):
       raise ValueError(f"RecordedNoise.{name}: recorded draws have shape {have}, the step needs "
                        f"(n, {', '.join(map(str, shape))})")
-    if name == "gumbel_choice" and self.gumbel_choice_bits is not None:  # inside the loop's float64 scope
+    if name == "gumbel_choice" and self.gumbel_choice_bits is not None:
       words = jax.lax.dynamic_index_in_dim(self.gumbel_choice_bits, index, keepdims=False)
-      return jax.lax.bitcast_convert_type(words, jnp.float64)
+      with _x64():
+        return jax.lax.bitcast_convert_type(words, jnp.float64)
     return jax.lax.dynamic_index_in_dim(getattr(self, f"{name}_draws"), index, keepdims=False)
 
   def gumbel_sample(self, state, index, shape):
     return state, self._take("gumbel_sample", index, shape)
 
   def gumbel_choice(self, state, index, shape, dtype=jnp.float32):
-    return state, self._take("gumbel_choice", index, shape).astype(dtype)
+    return state, _widen(self._take("gumbel_choice", index, shape), dtype)
 
   def uniform_choice(self, state, index, shape):
     return state, self._take("uniform_choice", index, shape)

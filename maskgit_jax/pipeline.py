@@ -25,7 +25,7 @@ from maskgit_jax.transformer import Transformer
 PRECISIONS = ("parity", "fast")
 
 
-class MaskGIT:
+class MaskGIT(decode_inputs.Generation):
   """A tokenizer + transformer pair (flax variables) with the config that built them."""
 
   def __init__(self, config: MaskGITConfig, tokenizer_variables, transformer_variables, device: str = "auto",
@@ -78,9 +78,6 @@ class MaskGIT:
     return cls(config, tokenizer_variables, transformer_variables, device=device, precision=precision)
 
   # Small helpers --------------------------------------------------------------------------------------------------
-  def class_names(self, labels: Sequence[int]) -> list[str]:
-    return decode_inputs.class_names(self.config, labels)
-
   def _require_transformer(self):
     if self.transformer_variables is None:
       raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
@@ -116,27 +113,3 @@ class MaskGIT:
   def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.asarray(out.tokens).reshape(-1, self.config.latent_size, self.config.latent_size).astype(np.int32)
     return self.decode_tokens(tokens), tokens
-
-  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
-               return_output: bool = False):
-    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
-    init_ids = decode_inputs.generation_ids(labels, self.config)
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
-    images, tokens = self._images_from_output(out)
-    return (images, tokens, out) if return_output else (images, tokens)
-
-  def edit(self, images: np.ndarray, latent_mask: np.ndarray, labels: Sequence[int], seed: int = 0,
-           num_iter: int | None = None, start_iter: int | None = None, noise=None, return_output: bool = False):
-    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
-
-    Tokens outside the mask are kept exactly (no decoder writes a known token). The decoder starts at
-    `start_iter` (default `config.sampler.edit_start`: the official editing demo's step 2, 0 for the seed's and
-    Halton's decoders). Returns the decoded images (to be blended into the originals with
-    `maskgit_common.editing`) and the tokens.
-    """
-    init_ids = decode_inputs.edit_ids(self.encode(images), latent_mask, labels, self.config)
-    start_iter = self.config.sampler.edit_start if start_iter is None else start_iter
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
-                                start_iter)
-    edited, tokens = self._images_from_output(out)
-    return (edited, tokens, out) if return_output else (edited, tokens)

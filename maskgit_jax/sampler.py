@@ -82,7 +82,7 @@ def _official_method(method: str) -> bool:
 
 # The decode output ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class DecodeOutput:
+class DecodeOutput(decode_plan.DecodeOutputViews):
   """Official return value `final_seqs` (B, T, S) plus every step's state; the fields of maskgit_torch.sampler's."""
   final_seqs: jax.Array  # (B, T, S) int32
   step_input_ids: jax.Array  # (n, B, S) int32
@@ -96,15 +96,6 @@ class DecodeOutput:
   steps_run: jax.Array  # () int32
   final_tokens: jax.Array  # (B, L) int32
   class_position: int = 0
-
-  @property
-  def tokens(self):
-    """(B, L): the final image tokens (class token dropped)."""
-    return self.final_tokens
-
-  def image(self, x):
-    """The image positions of an (..., S) array (drops the class token)."""
-    return x[..., 1:] if self.class_position == 0 else x[..., :self.class_position]
 
 
 _DATA = [f.name for f in dataclasses.fields(DecodeOutput) if f.name != "class_position"]
@@ -205,7 +196,9 @@ def decode_step(plan, params, logits, codes, unknown, draws, step):
       masking = conf < jnp.take_along_axis(padded, mask_len, axis=-1)
     after = jnp.where(masking, rule.mask_id, jnp.where(unknown, pred, codes))
     return pred, after, masking, mask_len, (jnp.sum(unknown, axis=-1) - mask_len[:, 0]).astype(jnp.int32)
-  # The seed (maskgit_torch.sampler.decode_step): top t after the batch clip, code written where conf >= the t-th.
+  # The seed (maskgit_torch.sampler.decode_step): the t most confident after the batch clip revealed, the code
+  # written where conf >= the t-th (ties included). t is traced here, so a stable sort ranks them: tied values go
+  # lower index first, where torch takes torch.topk's order (the seed's); they tie only for degenerate logits.
   with _x64(rule.confidence == "linear64"):
     conf = jnp.where(unknown, confidence(rule, probs, draws, params), -jnp.inf)
     t = jnp.maximum(jnp.minimum(params["count"], jnp.sum(unknown)), 0).astype(jnp.int32)
@@ -246,14 +239,13 @@ def _logits(plan, step, tokens_to_logits, seq, tables):
 
 def _draws(plan, noise, state, index, step, shape, tables):
   rule, (batch, length, width) = plan.rule, shape
-  positions = length + 1 if rule.draws_on_sequence else length
-  image = slice(1, None) if rule.draws_on_sequence and rule.class_position == 0 else slice(0, length)
+  positions, image = rule.draw_positions(length)
   state, g = noise.gumbel_sample(state, index, (batch, positions, width))
   draws = {"gumbel_sample": g[:, image]}
-  if rule.confidence in ("weighted", "linear64"):
+  if rule.confidence in ("weighted", "linear64"):  # (the provider widens the seed's draws to float64 itself)
+    dtype = jnp.float64 if rule.confidence == "linear64" else jnp.float32
+    state, g = noise.gumbel_choice(state, index, (batch, positions), dtype)
     with _x64(rule.confidence == "linear64"):
-      dtype = jnp.float64 if rule.confidence == "linear64" else jnp.float32
-      state, g = noise.gumbel_choice(state, index, (batch, positions), dtype)
       draws["gumbel_choice"] = g[:, image]
   if rule.confidence in ("warm_up", "random"):
     state, draws["uniform_choice"] = noise.uniform_choice(state, jnp.maximum(tables["uniform_index"][step], 0),
@@ -300,10 +292,11 @@ def run_plan(plan, init_ids, tokens_to_logits: Callable, noise) -> DecodeOutput:
   codes = jnp.concatenate([ids[:, :position], ids[:, position + 1:]], axis=1)
   unknown = codes == rule.mask_id
   unknown_at_start = jnp.sum(unknown, axis=-1)
-  if isinstance(noise, RecordedNoise) and not (rule.stop_when_done and isinstance(unknown_at_start, jax.core.Tracer)):
-    # (under jit the seed's executed steps depend on the inputs; the recorded draws' shapes are still checked)
-    steps_run = plan.steps_run(np.asarray(unknown_at_start)) if rule.stop_when_done else None
-    noise.check_draws(plan.draw_counts(steps_run))
+  traced = isinstance(unknown_at_start, jax.core.Tracer)
+  if isinstance(noise, RecordedNoise) and not (rule.stop_when_done and traced):
+    # (under jit the seed's executed steps depend on the inputs: only the draws' shapes are checked there)
+    noise.check_draws(plan.draw_counts(plan.steps_run(np.asarray(unknown_at_start)) if rule.stop_when_done
+                                       else None))
   state = noise.init_state()
   if rule.random_init:
     state, random_codes = noise.integers(state, "init_tokens", codes.shape, rule.codebook_size)
@@ -313,7 +306,7 @@ def run_plan(plan, init_ids, tokens_to_logits: Callable, noise) -> DecodeOutput:
     rank = jnp.broadcast_to(jnp.asarray(plan.rank), codes.shape)
     if rule.roll_order:  # Halton l.86-91: each sample's order rolled by randint(0, N)
       state, shift = noise.integers(state, "order_roll", (batch,), plan.rank.shape[0])
-      rank = jnp.where(rank < plan.order_len, (rank + shift[:, None].astype(jnp.int32)) % plan.order_len, rank)
+      rank = (rank + shift[:, None].astype(jnp.int32)) % plan.rank.shape[0]
   tables = _tables(plan)
 
   def run(carry, index):
@@ -325,14 +318,15 @@ def run_plan(plan, init_ids, tokens_to_logits: Callable, noise) -> DecodeOutput:
         plan, _step_params(plan, tables, step, unknown_at_start, rank), logits, codes, unknown, draws, step)
     if mask_len is None:
       mask_len = jnp.sum(unknown_after, axis=-1, keepdims=True).astype(jnp.int32)
-    record = (codes, unknown, pred, jnp.where(unknown, pred, codes), mask_len, unknown_after, after, count, True)
+    record = (codes, unknown, pred, jnp.where(unknown, pred, codes), mask_len, unknown_after, after, count,
+              jnp.bool_(True))
     return (after, unknown_after, state), record
 
   def skip(carry, index):  # the seed stopped: nothing is drawn or written
     codes, unknown, _ = carry
     zeros = jnp.zeros((batch,), jnp.int32)
     mask_len = jnp.sum(unknown, axis=-1, keepdims=True).astype(jnp.int32)
-    return carry, (codes, unknown, codes, codes, mask_len, unknown, codes, zeros, False)
+    return carry, (codes, unknown, codes, codes, mask_len, unknown, codes, zeros, jnp.bool_(False))
 
   def step_fn(carry, index):
     if not rule.stop_when_done:

@@ -50,7 +50,7 @@ def _to_numpy(x):
 
 # The decode output ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class DecodeOutput:
+class DecodeOutput(decode_plan.DecodeOutputViews):
   """Official return value `final_seqs` (B, T, S) plus every step's state (n = T - start_iter, S positions in the
   layout's order; rows of steps after the seed's early stop repeat the state)."""
   final_seqs: torch.Tensor  # (B, T, S); rows before start_iter repeat init_ids; row t: official = step t's samples,
@@ -67,15 +67,6 @@ class DecodeOutput:
   steps_run: torch.Tensor  # () executed steps (the seed stops once every token is known)
   final_tokens: torch.Tensor  # (B, L) image tokens of the result (clamped to [0, K-1] where the layout says K)
   class_position: int = 0
-
-  @property
-  def tokens(self):
-    """(B, L): the final image tokens (class token dropped)."""
-    return self.final_tokens
-
-  def image(self, x):
-    """The image positions of an (..., S) array (drops the class token)."""
-    return x[..., 1:] if self.class_position == 0 else x[..., :self.class_position]
 
 
 # One step -------------------------------------------------------------------------------------------------------
@@ -150,16 +141,15 @@ def decode_step(rule, logits, codes, unknown, draws, params):
     masking = conf < torch.gather(padded, -1, mask_len)  # the pad: the class token's +inf of the official loop
     after = torch.where(unknown, pred, codes).masked_fill(masking, params["mask_id"])
     return pred, after, masking, mask_len, (unknown.sum(-1, keepdim=True) - mask_len).squeeze(-1)
-  # The seed: t = the step's count clipped by the unknown tokens of the whole batch; the code is written where
-  # conf >= the t-th largest (ties included), the mask cleared at exactly the top t (FORMAT.md quirks 13, 14).
+  # The seed: t (the step's count clipped by the unknown tokens of the whole batch, known before the loop) top
+  # indices of torch.topk, as the seed takes them (its order among tied values); the code is written where
+  # conf >= the t-th largest (ties included), the mask cleared at exactly those t (FORMAT.md quirks 13, 14).
   conf = conf.masked_fill(~unknown, float("-inf"))
-  t = torch.minimum(params["count"], unknown.sum()).clamp_min(0)
-  ranked, order = torch.sort(conf, dim=-1, descending=True, stable=True)
-  position = torch.empty_like(order).scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(
-      order))
-  threshold = torch.gather(ranked, -1, (t - 1).clamp_min(0).expand(len(codes), 1))
-  written = unknown & (conf >= threshold) & (t > 0)
-  return pred, torch.where(written, pred, codes), unknown & ~(position < t), None, t.expand(len(codes))
+  t = params["t"]
+  threshold, top = torch.topk(conf, t, dim=-1)
+  written = unknown & (conf >= threshold[:, -1:])
+  count = torch.full((len(codes),), t, dtype=torch.long, device=codes.device)
+  return pred, torch.where(written, pred, codes), unknown.scatter(-1, top, False), None, count
 
 
 # The loop -------------------------------------------------------------------------------------------------------
@@ -189,8 +179,7 @@ def _logits(plan, step, tokens_to_logits, seq, tables):
 
 def _draws(plan, noise, index, step, logits_shape, device):
   rule, (batch, length, width) = plan.rule, logits_shape
-  positions = length + 1 if rule.draws_on_sequence else length
-  image = slice(1, None) if rule.draws_on_sequence and rule.class_position == 0 else slice(0, length)
+  positions, image = rule.draw_positions(length)
   draws = {"gumbel_sample": noise.gumbel_sample(index, (batch, positions, width), device)[:, image]}
   if rule.confidence in ("weighted", "linear64"):
     dtype = torch.float64 if rule.confidence == "linear64" else torch.float32
@@ -228,7 +217,7 @@ def _order_rank(plan, noise, batch, device):
   if not plan.rule.roll_order:
     return rank
   shift = noise.integers("order_roll", (batch,), plan.rank.shape[0], device).long()[:, None]
-  return torch.where(rank < plan.order_len, (rank + shift) % plan.order_len, rank)
+  return (rank + shift) % plan.rank.shape[0]
 
 
 def run_plan(plan, init_ids, tokens_to_logits: Callable, noise, step_fn: Callable = decode_step) -> DecodeOutput:
@@ -242,7 +231,9 @@ def run_plan(plan, init_ids, tokens_to_logits: Callable, noise, step_fn: Callabl
   codes = torch.cat([ids[:, :position], ids[:, position + 1:]], dim=1)
   unknown = codes == rule.mask_id
   unknown_at_start = unknown.sum(-1)
-  steps_run = plan.steps_run(unknown_at_start.cpu().numpy()) if rule.stop_when_done else plan.steps
+  # The seed's per-step t and its early stop follow from the initial unknown counts: one transfer, before the loop.
+  reveal = plan.reveal_counts(unknown_at_start.cpu().numpy()) if rule.stop_when_done else None
+  steps_run = plan.steps if reveal is None else len(reveal)
   if isinstance(noise, RecordedNoise):
     noise.check_draws(plan.draw_counts(steps_run))
     noise = noise.to(device)
@@ -257,8 +248,10 @@ def run_plan(plan, init_ids, tokens_to_logits: Callable, noise, step_fn: Callabl
     if index < steps_run:
       logits = _logits(plan, step, tokens_to_logits, _with_class(codes, class_tokens, position), tables)
       draws = _draws(plan, noise, index, step, tuple(logits.shape), device)
-      pred, after, unknown_after, mask_len, count = step_fn(
-          rule, logits, codes, unknown, draws, _step_params(plan, tables, step, unknown_at_start, rank))
+      params = _step_params(plan, tables, step, unknown_at_start, rank)
+      if reveal is not None:
+        params["t"] = reveal[index]
+      pred, after, unknown_after, mask_len, count = step_fn(rule, logits, codes, unknown, draws, params)
     else:  # the seed stopped: nothing is drawn or written
       pred, after, unknown_after, mask_len, count = codes, codes, unknown, None, torch.zeros_like(unknown_at_start)
     if mask_len is None:
