@@ -207,7 +207,12 @@ def _seed(cfg, num_iter: int, start_iter: int, seq_len: int, layout) -> DecodePl
 
 
 def _halton(cfg, num_iter: int, start_iter: int, seq_len: int, layout) -> DecodePlan:
-  """valeoai/Halton-MaskGIT `Sampler/halton_sampler.py` `HaltonSampler.__call__` (line numbers in its docs)."""
+  """valeoai/Halton-MaskGIT (f61b0a1) `Sampler/halton_sampler.py` `HaltonSampler.__call__`, by line:
+  order `build_halton_mask` l.154-190 (maskgit_common/halton.py), optionally rolled per sample by
+  randint(0, N) l.86-91; cumulative count r l.100-103, cells order[prev:r] written l.106-110 and l.140 (prev = r,
+  l.144); scale linspace(sm_temp_min, sm_temp_max, T) l.42 ** temp_pow l.113, halved in warm-up l.114-115,
+  multiplying the logits l.129; constant CFG on (cond, null) rows l.117-123; top_k l.130-134, else
+  Categorical(probs) l.137; the clamp before decoding l.146."""
   num_tokens = seq_len - 1
   side = _grid_side(num_tokens, "decoder='halton'")
   order = halton.halton_order(side, cfg.halton_points)
