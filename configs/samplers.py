@@ -15,7 +15,8 @@ seed      valeoai MaskGIT-pytorch v1 `Trainer/vit.py` `MaskGIT.sample`, exactly 
           randomize linear (log p + choice_temperature (its r_temp) * Gumbel * (1 - t/(T-1)), float64) | warm_up |
           random | none; the t most confident tokens revealed, t clipped by the unknown tokens of the whole batch,
           ties at the threshold written; the loop stops once every token is known; random_init = its negative mask
-          value (random initial codes); top_k.
+          value (random initial codes); top_k. warm_up and random run for any batch, each row with its own
+          threshold (the seed itself runs them for one sample only: FORMAT.md quirk 15).
 halton    valeoai/Halton-MaskGIT `Sampler/halton_sampler.py` `HaltonSampler` (Besnier et al. 2025; FID 6.40 for
           H-MaskGIT-S at 256px, 2.59 for H-MaskGIT-L at 384px): cells revealed in the Halton order (halton_points of
           its sequence, 10,000 by default), cumulative count max(t+1, int(N (1 - arccos((t+1)/T) / (pi/2)))), CFG
