@@ -38,6 +38,10 @@ flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, ti
 flags.DEFINE_multi_string("set", [], "Config override section.field=value; repeatable.")
 flags.DEFINE_string("classes", None, "Comma-separated class labels to sample (default: every class once, up to 10).")
 flags.DEFINE_integer("steps", None, "Decoding steps (default: the config's sampler.num_iter).")
+flags.DEFINE_enum("decoder", None, ["official", "seed", "halton"], "sample/edit/eval: official (google-research/"
+                  "maskgit), seed (valeoai MaskGIT-pytorch v1) or halton (Halton-MaskGIT); another decoder than the "
+                  "checkpoint's takes its published settings (configs/samplers.py), --set sampler.* on top.")
+flags.DEFINE_integer("top_k", None, "sample/edit/eval: draw each token among the k most likely (0 = all).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("out", None, "Output PNG (sample/edit).")
 flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs); an existing run resumes.")
@@ -162,10 +166,14 @@ def load_pipeline():
   else:
     from maskgit_jax import pipeline
   if backend == "jax":
-    return pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
-                                            precision=FLAGS.precision)
-  return pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
-                                          precision=FLAGS.precision, torch_compile=FLAGS.torch_compile)
+    model = pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
+                                             precision=FLAGS.precision)
+  else:
+    model = pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
+                                             precision=FLAGS.precision, torch_compile=FLAGS.torch_compile)
+  from configs import samplers
+  model.config = samplers.with_decoder(model.config, FLAGS.decoder, FLAGS.top_k, FLAGS.set)
+  return model
 
 
 def cmd_sample() -> None:

@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from maskgit_common.decode_inputs import generation_ids  # pylint: disable=wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", None, "Config preset (default: imagenet_256 on a GPU, tiny on CPU).")
 flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes.")
@@ -200,8 +202,7 @@ class JaxRunner:
   def _decode_args(self, batch, num_iter):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     m = self.model
-    ids = jnp.full((batch, self.config.seq_len), self.config.mask_token_id, jnp.int32)
-    ids = ids.at[:, 0].set(m.class_tokens(class_labels(self.config, batch)))
+    ids = jnp.asarray(generation_ids(class_labels(self.config, batch), self.config), jnp.int32)
     return ids, m.make_noise(0), num_iter
 
   def peak_memory(self, batch, num_iter, guidance):
@@ -210,7 +211,7 @@ class JaxRunner:
     ids, noise, _ = self._decode_args(batch, num_iter)
     side = self.config.latent_size
     decode = xla_bytes(m._decode_program, m.transformer_variables, ids,  # pylint: disable=protected-access
-                       noise, num_iter, None, with_guidance(self.config, guidance).sampler)
+                       noise, num_iter, None, with_guidance(self.config, guidance))
     image = xla_bytes(m._decode, m.tokenizer_variables,  # pylint: disable=protected-access
                       jnp.zeros((batch, side, side), jnp.int32))
     return None if decode is None or image is None else max(decode, image)
@@ -260,8 +261,7 @@ class TorchRunner:
       return "n/a (CPU)"
     torch, m = self.torch, self.model
     m.config = with_guidance(self.config, guidance)
-    ids = torch.full((batch, self.config.seq_len), self.config.mask_token_id, dtype=torch.int64, device=m.device)
-    ids[:, 0] = m.class_tokens(class_labels(self.config, batch))
+    ids = torch.as_tensor(generation_ids(class_labels(self.config, batch), self.config), device=m.device)
     noise = m.make_noise(0)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

@@ -24,7 +24,7 @@ def imagenet_256() -> MaskGITConfig:
       tokenizer=TokenizerConfig(),  # filters 128, multipliers (1, 1, 2, 2, 4), 1024 codes of dim 256
       transformer=TransformerConfig(),  # 24 layers, 768 hidden, 16 heads, 3072 MLP
       # The paper's 256px setting: 8 steps, cosine schedule, choice temperature 4.5.
-      sampler=SamplerConfig(num_iter=8, choice_temperature=4.5, mask_schedule="cosine", edit_start_iter=2),
+      sampler=SamplerConfig(num_iter=8, choice_temperature=4.5, mask_schedule="cosine"),
       train=TrainConfig(), data=DataConfig(dataset="folder", data_dir="imagenet/train"))
 
 
@@ -33,7 +33,7 @@ def imagenet_512() -> MaskGITConfig:
   return imagenet_256().replace(
       name="imagenet_512", image_size=512,
       # The paper's 512px setting: 12 steps.
-      sampler=SamplerConfig(num_iter=12, choice_temperature=4.5, mask_schedule="cosine", edit_start_iter=2))
+      sampler=SamplerConfig(num_iter=12, choice_temperature=4.5, mask_schedule="cosine"))
 
 
 def tiny() -> MaskGITConfig:
@@ -43,7 +43,7 @@ def tiny() -> MaskGITConfig:
       tokenizer=TokenizerConfig(filters=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, embedding_dim=16,
                                 codebook_size=64),
       transformer=TransformerConfig(num_layers=2, num_embeds=64, num_heads=4, intermediate_size=128),
-      sampler=SamplerConfig(num_iter=8, choice_temperature=4.5, mask_schedule="cosine", edit_start_iter=2),
+      sampler=SamplerConfig(num_iter=8, choice_temperature=4.5, mask_schedule="cosine"),
       train=TrainConfig(batch_size=64, num_train_steps=2000, lr=1e-3, warmup_steps=100, polyak_decay=0.99,
                         log_every_steps=20, checkpoint_every_steps=500),
       data=DataConfig(dataset="synthetic"))

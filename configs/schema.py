@@ -59,7 +59,8 @@ def _check_choice(value, field: str, choices: Sequence[str]) -> None:
 
 
 def check_schedule_name(value, field: str) -> None:
-  """Schedules: the official ones, `powX` with X > 0, and the seed's (`arccos`, `square`, `root`)."""
+  """Schedules: the official ones, `powX` with X > 0, and curves named after the seed's shapes (`arccos`, `square`,
+  `root`; the official decoder uses them its own way, SamplerConfig says how)."""
   if isinstance(value, str) and value.startswith("pow"):
     try:
       exponent = float(value[3:])
@@ -215,42 +216,50 @@ class TransformerConfig:
     return self.num_embeds // self.num_heads
 
 
+DECODERS = ("official", "seed", "halton")
+SEED_SCHEDULES = ("root", "linear", "square", "cosine", "arccos")  # the seed's adap_sche shapes
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Iterative parallel decoding. Defaults are the official decoder (`parallel_decode.decode`).
-
-  Options on top of it (all off by default; see maskgit_*/sampler.py `decode_with_config`):
-    guidance_scale, guidance_schedule: classifier-free guidance (1 + w) cond - w uncond, with w constant or ramped
-      linearly from 0 (the seed's t / (T - 1)); the unconditional pass puts the null class (mask id -1) at the
-      class position. 0 = off.
-    softmax_temperature: logits / temperature before sampling and confidence (1 = official).
-    choice_temperature_schedule: `linear` (official: annealed to 0 at the last step) or `constant`.
-    randomize: how the re-masking order is randomised: `official` (Gumbel confidence noise), or the seed's
-      `linear`, `warm_up`, `random`, or `none`.
-    tokens_per_step: a custom schedule, tokens revealed at each step (length num_iter, summing to the number of
-      image tokens); empty = `mask_schedule`.
-    order: `confidence` (official) or `halton` (reveal tokens in the 2-D Halton order).
+  """Iterative parallel decoding: `decoder` picks the rules (official | seed | halton; configs/samplers.py says what
+  each reproduces and which field it reads), the other fields their settings. Defaults are the official decoder
+  (`parallel_decode.decode`); every decoder is a plan for one decode loop (maskgit_common/decode_plan.py).
+  Fields for one decoder only must stay at their defaults with another (the error names them).
+  With decoder=official, mask_schedule `arccos`, `square`, `root` are curves named after the seed's shapes used the
+  official way (floor(N0 * gamma((t+1)/T)) re-masked): they do NOT give the seed's per-step counts (decoder=seed
+  does). edit_start_iter None = the decoder's default (official: 2, as the official editing demo, at most T - 1;
+  seed, halton: 0, as the seed's inpainting).
   """
   num_iter: int = 8
   start_iter: int = 0
-  choice_temperature: float = 4.5  # official `sample_choice_temperature`
+  choice_temperature: float = 4.5  # official `sample_choice_temperature`; the seed's r_temp
   mask_schedule: str = "cosine"
-  # Editing (official demo): decoding starts at this step from partially known tokens.
-  edit_start_iter: int = 2
-  guidance_scale: float = 0.0
+  edit_start_iter: int | None = None
+  guidance_scale: float = 0.0  # the seed's and Halton's w
   guidance_schedule: str = "constant"
   softmax_temperature: float = 1.0
   choice_temperature_schedule: str = "linear"
   randomize: str = "official"
   tokens_per_step: tuple[int, ...] = ()
   order: str = "confidence"
+  decoder: str = "official"
+  top_k: int = 0
+  sm_temp: float = 1.0  # seed: logits * sm_temp; halton: the last step's scale (its sm_temp_max)
+  random_init: bool = False  # seed
+  sm_temp_min: float = 1.0  # halton
+  temp_pow: float = 1.0  # halton
+  temp_warmup: int = 0  # halton
+  halton_randomize: bool = False  # halton
+  halton_points: int = 10_000  # halton, and order='halton'; 0 = until every cell is covered
 
   def validate(self, prefix: str = "sampler") -> None:
     _check_int(self.num_iter, f"{prefix}.num_iter", 1)
     _check_int(self.start_iter, f"{prefix}.start_iter", 0, self.num_iter - 1)
     _check_float(self.choice_temperature, f"{prefix}.choice_temperature", 0.0)
     check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
-    _check_int(self.edit_start_iter, f"{prefix}.edit_start_iter", 0, self.num_iter - 1)
+    if self.edit_start_iter is not None:
+      _check_int(self.edit_start_iter, f"{prefix}.edit_start_iter", 0, self.num_iter - 1)
     _check_float(self.guidance_scale, f"{prefix}.guidance_scale", 0.0)
     _check_choice(self.guidance_schedule, f"{prefix}.guidance_schedule", ("constant", "linear"))
     _check_float(self.softmax_temperature, f"{prefix}.softmax_temperature", 0.0, lo_open=True)
@@ -263,12 +272,52 @@ class SamplerConfig:
       for i, n in enumerate(self.tokens_per_step):
         _check_int(n, f"{prefix}.tokens_per_step[{i}]", 1)
     _check_choice(self.order, f"{prefix}.order", ("confidence", "halton"))
+    _check_choice(self.decoder, f"{prefix}.decoder", DECODERS)
+    _check_int(self.top_k, f"{prefix}.top_k", 0)
+    _check_float(self.sm_temp, f"{prefix}.sm_temp", 0.0, lo_open=True)
+    _check(isinstance(self.random_init, bool), f"{prefix}.random_init", "must be true or false")
+    _check_float(self.sm_temp_min, f"{prefix}.sm_temp_min", 0.0, lo_open=True)
+    _check_float(self.temp_pow, f"{prefix}.temp_pow")
+    _check_int(self.temp_warmup, f"{prefix}.temp_warmup", 0)
+    _check(isinstance(self.halton_randomize, bool), f"{prefix}.halton_randomize", "must be true or false")
+    _check_int(self.halton_points, f"{prefix}.halton_points", 0)
+    self._validate_decoder(prefix)
+
+  def _validate_decoder(self, prefix: str) -> None:
+    """Fields of one decoder stay at their defaults with the others, so no setting is silently ignored."""
+    own = {"official": ("guidance_schedule", "softmax_temperature", "choice_temperature_schedule", "order"),
+           "seed": ("random_init",), "halton": ("sm_temp_min", "temp_pow", "temp_warmup", "halton_randomize")}
+    own["seed+halton"] = ("sm_temp",)
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for owners, names in own.items():
+      if self.decoder in owners.split("+"):
+        continue
+      for name in names:
+        _check(getattr(self, name) == defaults[name], f"{prefix}.{name}",
+               f"applies to decoder={owners.replace('+', ' or ')} only; leave it at {defaults[name]!r} for "
+               f"decoder={self.decoder!r}")
+    if self.decoder == "seed":
+      _check_choice(self.mask_schedule, f"{prefix}.mask_schedule", SEED_SCHEDULES)
+      _check(self.randomize != "official", f"{prefix}.randomize", "decoder='seed' randomizes as the seed does: "
+             "one of ['linear', 'warm_up', 'random', 'none'] (the seed's default is 'linear')")
+      _check(self.num_iter >= 2, f"{prefix}.num_iter", "decoder='seed' needs at least 2 steps (it divides by T - 1)")
+    if self.decoder == "halton":
+      _check(not self.tokens_per_step, f"{prefix}.tokens_per_step", "decoder='halton' has its own cumulative "
+             "count; leave tokens_per_step empty")
 
   @property
   def is_official(self) -> bool:
     """True when no option changes the official decoder."""
-    return (self.guidance_scale == 0 and self.softmax_temperature == 1 and self.choice_temperature_schedule == "linear"
-            and self.randomize == "official" and not self.tokens_per_step and self.order == "confidence")
+    return (self.decoder == "official" and self.guidance_scale == 0 and self.softmax_temperature == 1
+            and self.choice_temperature_schedule == "linear" and self.randomize == "official"
+            and not self.tokens_per_step and self.order == "confidence" and self.top_k == 0)
+
+  @property
+  def edit_start(self) -> int:
+    """The step an edit starts at: edit_start_iter, or the decoder's default (see the class docstring)."""
+    if self.edit_start_iter is not None:
+      return self.edit_start_iter
+    return min(2, self.num_iter - 1) if self.decoder == "official" else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,7 +564,7 @@ class MaskGITConfig:
         start_iter=decode.get("start_iter", 0),
         choice_temperature=decode.get("choice_temperature", official.get("sample_choice_temperature", 4.5)),
         mask_schedule=schedule,
-        edit_start_iter=decode.get("edit_start_iter", SamplerConfig.edit_start_iter))
+        edit_start_iter=decode.get("edit_start_iter"))
     train = TrainConfig(
         label_smoothing=official.get("label_smoothing", 0.1),
         mask_schedule=official.get("mask_scheduling_method", "cosine"),

@@ -17,8 +17,8 @@ also the index order of its AdamW state (`model.parameters()`).
 
 from __future__ import annotations
 
-from conversion.table import TRANSFORMS, Rule, to_jax, to_torch, torch_shape
-from conversion.table import _conv as _conv_rules, _norm  # pylint: disable=protected-access
+from conversion.rules import TRANSFORMS, Rule, to_jax, to_torch, torch_shape
+from conversion.tables.official import _conv as _conv_rules, _norm  # pylint: disable=protected-access
 
 __all__ = ["ARCHS", "Rule", "TRANSFORMS", "param_table", "state_dict_order", "to_jax", "to_torch", "torch_shape"]
 

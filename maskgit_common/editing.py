@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MASK_TOKEN_ID = -1
+from maskgit_common import decode_inputs
 
 
 def latent_mask_from_bbox(config, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -31,28 +31,9 @@ def latent_mask_from_bbox(config, top: int, left: int, height: int, width: int) 
 
 
 def edit_input_tokens(codes, latent_mask, label, config) -> np.ndarray:
-  """(B, S) int32 decoder input: class token K + label, then the codes with -1 where latent_mask is 1.
-
-  Args:
-    codes: (B, h, h) integer tokens of the source images.
-    latent_mask: (h, h) or (B, h, h), 1 = regenerate, 0 = keep (values are rounded: > 0.5 counts as 1).
-    label: the target class, an int or (B,) ints in [0, num_class).
-    config: the MaskGITConfig.
-  """
-  codes = np.asarray(codes)
-  h = config.latent_size
-  if codes.ndim != 3 or codes.shape[1:] != (h, h):
-    raise ValueError(f"edit_input_tokens: codes must be (B, {h}, {h}), got {codes.shape}")
-  mask = np.asarray(latent_mask, np.float32)
-  if mask.shape not in ((h, h), (codes.shape[0], h, h)):
-    raise ValueError(f"edit_input_tokens: latent_mask must be ({h}, {h}) or (B, {h}, {h}), got {mask.shape}")
-  labels = np.broadcast_to(np.asarray(label, np.int64), (codes.shape[0],))
-  if labels.min() < 0 or labels.max() >= config.num_class:
-    raise ValueError(f"edit_input_tokens: labels must be in [0, {config.num_class}), got {labels.tolist()}")
-  regenerate = np.broadcast_to(mask > 0.5, codes.shape)
-  masked = np.where(regenerate, MASK_TOKEN_ID, codes).reshape(codes.shape[0], -1)
-  class_tokens = (labels + config.codebook_size)[:, None]
-  return np.concatenate([class_tokens, masked], axis=1).astype(np.int32)
+  """(B, S) int32 decoder input: the codes with the mask id where latent_mask is 1 and the class token, in the
+  model's token layout (official: `[K + label, codes or -1]`); see `maskgit_common.decode_inputs.edit_ids`."""
+  return decode_inputs.edit_ids(codes, latent_mask, label, config).astype(np.int32)
 
 
 # Masks from pictures, outpainting, compositing ------------------------------------------------------------------

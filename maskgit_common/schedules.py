@@ -1,9 +1,11 @@
 """Mask schedules as plain numpy float32: the reference both backends and the training masks share.
 
 `mask_ratio(ratio, total_unknown, method)` reproduces the official `maskgit/libml/mask_schedule.schedule` bit for
-bit as the golden fixtures record it (official code, jax on CPU, float32), plus the seed's schedules (valeoai
-MaskGIT-pytorch: `arccos`, `linear`, `square`, `root`). Every result is clipped to [1e-6, 1] as the official code
-does.
+bit as the golden fixtures record it (official code, jax on CPU, float32), plus three curves named after the seed's
+shapes (`arccos`, `square`, `root`; `linear` is the official alias of `uniform`), which the official decoder uses
+the official way, floor(N0 * gamma((t + 1) / T)) tokens re-masked: they share the seed's names, not its per-step
+counts (those are `maskgit_common.seed_schedules.seed_counts`, sampler.decoder=seed). Every result is clipped to
+[1e-6, 1] as the official code does.
 
 Bit-exactness needs the transcendental functions of XLA's CPU backend, not numpy's (which differ by an ulp on about
 a third of the inputs):
@@ -271,28 +273,25 @@ def decode_mask_len(step: int, num_iter: int, total_unknown, method: str = "cosi
 
 
 # Sampler options (configs.SamplerConfig): every per-step number of a decode, computed once on the host. ----------
-def custom_mask_ratio(tokens_per_step, step: int) -> np.float32:
-  """gamma after `step` for a custom schedule: the fraction of the tokens not yet revealed, 1 - cum / total."""
-  counts = np.asarray(tokens_per_step, np.int64)
-  return np.float32(1) - np.float32(counts[:step + 1].sum()) / np.float32(counts.sum())
-
-
 def mask_len_table(num_iter: int, seq_len: int, method: str = "cosine", tokens_per_step=()) -> np.ndarray:
   """(T, S + 1) float32: floor(N0 * gamma_t) for every step t and every initial unknown count N0 in 0..S.
 
-  Official and seed schedules use `decode_mask_ratio` (the official loop's arithmetic); a custom schedule
-  (`tokens_per_step`, tokens revealed at each step, summing to the number of image tokens) uses
-  `custom_mask_ratio`, so a generation from all-unknown reveals exactly those counts and an edit (fewer unknown
-  tokens) reveals the same fractions. The official clamp to [1, #unknown - 1] is applied in the loop.
+  Official and seed-named schedules use `decode_mask_ratio` (the official loop's arithmetic). A custom schedule
+  (`tokens_per_step`, tokens revealed at each step, summing to the number of image tokens L) is exact integer
+  arithmetic, floor(N0 * (L - revealed_t) / L): a generation from all-unknown (N0 = L) keeps exactly
+  L - revealed_t tokens unknown after step t, and an edit (fewer unknown tokens) reveals the same fractions. (A
+  float32 ratio 1 - revealed / L floored after the product misses some counts, e.g. 97 of the 575 at L = 576.) The
+  official clamp to [1, #unknown - 1] is applied in the loop.
   """
   n0 = np.arange(seq_len + 1)
+  if len(tokens_per_step):
+    total = int(np.sum(tokens_per_step))
+    remaining = total - np.cumsum(np.asarray(tokens_per_step, np.int64))
+    return (n0[None, :] * remaining[:, None] // total).astype(_F32)
   rows = []
   with np.errstate(invalid="ignore"):
     for t in range(num_iter):
-      if len(tokens_per_step):
-        ratio = np.clip(custom_mask_ratio(tokens_per_step, t), _F32(1e-6), _F32(1))
-      else:
-        ratio = decode_mask_ratio(t, num_iter, n0, method)
+      ratio = decode_mask_ratio(t, num_iter, n0, method)
       rows.append(np.broadcast_to(np.floor(n0.astype(_F32) * ratio), n0.shape))
   return np.stack(rows).astype(_F32)
 
@@ -312,9 +311,10 @@ def confidence_weights(num_iter: int, start_iter: int, choice_temperature: float
   """Per executed step (a_t, b_t), float32 (n,), of confidence = a_t log p + b_t g, g ~ Gumbel.
 
   randomize: `official` (b = choice_temperature * (1 - (t+1)/T), the official annealing; with anneal=`constant`
-  b = choice_temperature), `linear` (the seed: b = choice_temperature * (1 - t/(T-1)), reaching 0 at the last
-  step), `warm_up` (the seed: a random order for the first 2 steps, then the model's confidence only), `random` (a
-  random order at every step: ordering by a Gumbel draw is ordering by a uniform one), `none` (confidence only).
+  b = choice_temperature), and seed-style modes on the official re-masking loop (float32; the seed's exact rules
+  are sampler.decoder=seed): `linear` (b = choice_temperature * (1 - t/(T-1)), reaching 0 at the last step),
+  `warm_up` (a random order for the first 2 steps, then the model's log-confidence), `random` (a random order at
+  every step: ordering by a Gumbel draw is ordering by a uniform one), `none` (confidence only).
   """
   if randomize not in RANDOMIZE_MODES:
     raise ValueError(f"randomize must be one of {list(RANDOMIZE_MODES)}, got {randomize!r}")
@@ -343,30 +343,3 @@ def guidance_weights(num_iter: int, start_iter: int, scale: float, schedule: str
   if schedule == "linear":
     return (scale * steps / max(num_iter - 1, 1)).astype(_F32)
   return np.full(steps.shape, scale, _F32)
-
-
-def decode_plan(sampler, num_iter: int, start_iter: int, seq_len: int) -> dict:
-  """Every per-step number of a `decode_with_config` run (both backends use exactly these), numpy float32:
-
-  `mask_len` (T, S + 1) table over N0, `guidance` (n,) weights w_t, `conf_log` / `conf_noise` (n,) confidence
-  weights a_t / b_t, and, for order="halton", `halton_rank` (S,) with the class position first (never used: it is
-  known) and the image cells' Halton ranks after it.
-  """
-  from maskgit_common import halton  # pylint: disable=import-outside-toplevel
-  if sampler.tokens_per_step:
-    if len(sampler.tokens_per_step) != num_iter:
-      raise ValueError(f"sampler.tokens_per_step has {len(sampler.tokens_per_step)} counts, num_iter is {num_iter}")
-    if sum(sampler.tokens_per_step) != seq_len - 1:
-      raise ValueError(f"sampler.tokens_per_step sums to {sum(sampler.tokens_per_step)}, the image has "
-                       f"{seq_len - 1} tokens")
-  a, b = confidence_weights(num_iter, start_iter, sampler.choice_temperature, sampler.randomize,
-                            sampler.choice_temperature_schedule)
-  plan = {"mask_len": mask_len_table(num_iter, seq_len, sampler.mask_schedule, sampler.tokens_per_step),
-          "guidance": guidance_weights(num_iter, start_iter, sampler.guidance_scale, sampler.guidance_schedule),
-          "conf_log": a, "conf_noise": b}
-  if sampler.order == "halton":
-    h = int(round(math.sqrt(seq_len - 1)))
-    if h * h != seq_len - 1:
-      raise ValueError(f"order='halton' needs a square latent grid, got {seq_len - 1} image tokens")
-    plan["halton_rank"] = np.concatenate([[0], halton.halton_rank(h)]).astype(_F32)
-  return plan

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import MaskGITConfig
-from maskgit_common import editing
+from maskgit_common import decode_inputs
+from maskgit_common.token_layout import token_layout
 from maskgit_jax import checkpoint, sampler
 from maskgit_jax import device as device_lib
 from maskgit_jax.tokenizer import VQVAE
@@ -24,7 +25,7 @@ from maskgit_jax.transformer import Transformer
 PRECISIONS = ("parity", "fast")
 
 
-class MaskGIT:
+class MaskGIT(decode_inputs.Generation):
   """A tokenizer + transformer pair (flax variables) with the config that built them."""
 
   def __init__(self, config: MaskGITConfig, tokenizer_variables, transformer_variables, device: str = "auto",
@@ -41,15 +42,15 @@ class MaskGIT:
     self.transformer_variables = (jax.device_put(transformer_variables, self.device)
                                   if transformer_variables is not None else None)
     tokenizer, transformer = VQVAE(config, dtype=dtype), Transformer(config, dtype=dtype)
-    k = config.codebook_size
+    k = token_layout(config).sample_width  # the columns the decoder samples (official: the K codes)
     self._logits = jax.jit(lambda v, ids: transformer.apply(v, ids)[..., :k].astype(jnp.float32))
     self._encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method=VQVAE.encode_to_indices))
     self._decode = jax.jit(lambda v, c: tokenizer.apply(v, c, method=VQVAE.decode_from_indices).astype(
         jnp.float32))
 
-    def decode_program(variables, init_ids, noise, num_iter, start_iter, sampler_config):
+    def decode_program(variables, init_ids, noise, num_iter, start_iter, model_config):
       logits_fn = lambda ids: transformer.apply(variables, ids)[..., :k].astype(jnp.float32)
-      return sampler.decode_with_config(init_ids, logits_fn, noise, sampler_config, num_iter=num_iter,
+      return sampler.decode_with_config(init_ids, logits_fn, noise, model_config, num_iter=num_iter,
                                         start_iter=start_iter)
 
     # The whole decode (every step, the noise draws, the bookkeeping) is one XLA program, as the official
@@ -69,88 +70,38 @@ class MaskGIT:
     return cls(config, variables["tokenizer"], variables["transformer"], device=device, precision=precision)
 
   # Small helpers --------------------------------------------------------------------------------------------------
-  def class_names(self, labels: Sequence[int]) -> list[str]:
-    names = self.config.data.class_names
-    return [names[int(l)] if int(l) < len(names) else str(int(l)) for l in labels]
-
   def _require_transformer(self):
     if self.transformer_variables is None:
       raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
     return self.transformer_variables
 
   def tokens_to_logits(self, ids: jax.Array) -> jax.Array:
-    """(N, S) ids -> (N, S, K) float32 logits over the image codes (the official slice of the vocabulary)."""
+    """(N, S) ids -> float32 logits over the columns the decoder samples (the layout's sample width: official K)."""
     return self._logits(self._require_transformer(), ids)
 
   def make_noise(self, seed: int):
     return sampler.PRNGNoise(jax.random.PRNGKey(int(seed)))
 
-  def class_tokens(self, labels: Sequence[int]) -> jax.Array:
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    bad = labels[(labels < 0) | (labels >= self.config.num_class)]
-    if bad.size:
-      raise ValueError(f"class labels must lie in [0, {self.config.num_class}), got {bad.tolist()}")
-    return jnp.asarray(labels + self.config.codebook_size, jnp.int32)
-
   # Public API ----------------------------------------------------------------------------------------------------
   def encode(self, images: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) float in [0, 1] -> codes int32 (B, h, h)."""
-    images = _check_images(images, self.config.image_size)
+    images = decode_inputs.check_images(images, self.config.image_size)
     return np.asarray(self._encode(self.tokenizer_variables, jnp.asarray(images)), np.int32)
 
   def decode_tokens(self, codes: np.ndarray) -> np.ndarray:
     """codes (B, h, h) -> images float32 (B, H, W, 3), unclipped (as the official decoder)."""
     return np.asarray(self._decode(self.tokenizer_variables, jnp.asarray(codes, jnp.int32)))
 
-  def decode_sequences(self, init_ids: jax.Array, noise, num_iter: int | None = None,
-                       start_iter: int | None = None):
-    """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
+  def decode_sequences(self, init_ids, noise, num_iter: int | None = None, start_iter: int | None = None):
+    """Runs the configured decoder from (B, S) ids in the model's token layout (mask id = unknown) -> DecodeOutput."""
     variables = self._require_transformer()
+    init_ids = jnp.asarray(init_ids, jnp.int32)  # built on the host: one transfer
     if isinstance(noise, (sampler.PRNGNoise, sampler.RecordedNoise)):  # array pytrees: the whole decode is jitted
-      return self._decode_program(variables, jnp.asarray(init_ids), noise, num_iter, start_iter,
-                                  self.config.sampler)
+      return self._decode_program(variables, init_ids, noise, num_iter, start_iter, self.config)
     # Any other provider (e.g. one drawing from host state) runs the same decoder outside jit.
-    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
-                                      num_iter=num_iter, start_iter=start_iter)
+    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config, num_iter=num_iter,
+                                      start_iter=start_iter)
 
   def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
-    side = self.config.latent_size
-    tokens = np.asarray(out.final_seqs[:, -1, 1:]).reshape(-1, side, side).astype(np.int32)
+    tokens = np.asarray(out.tokens).reshape(-1, self.config.latent_size, self.config.latent_size).astype(np.int32)
     return self.decode_tokens(tokens), tokens
-
-  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
-               return_output: bool = False):
-    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
-    class_tokens = np.asarray(self.class_tokens(labels))
-    init_ids = np.full((class_tokens.shape[0], self.config.seq_len), self.config.mask_token_id, np.int32)
-    init_ids[:, 0] = class_tokens  # built on the host: one transfer instead of eager device ops
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
-    images, tokens = self._images_from_output(out)
-    return (images, tokens, out) if return_output else (images, tokens)
-
-  def edit(self, images: np.ndarray, latent_mask: np.ndarray, labels: Sequence[int], seed: int = 0,
-           num_iter: int | None = None, start_iter: int | None = None, noise=None, return_output: bool = False):
-    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
-
-    Tokens outside the mask are kept exactly (the decoder never re-masks known tokens). The decoder starts at
-    `start_iter` (default `config.sampler.edit_start_iter`, as the official editing demo). Returns the decoded
-    images (to be blended into the originals with `maskgit_common.editing`) and the tokens.
-    """
-    codes = self.encode(images)
-    self.class_tokens(labels)  # validates the labels
-    init_ids = jnp.asarray(editing.edit_input_tokens(codes, latent_mask, labels, self.config), jnp.int32)
-    start_iter = self.config.sampler.edit_start_iter if start_iter is None else start_iter
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
-                                start_iter)
-    edited, tokens = self._images_from_output(out)
-    return (edited, tokens, out) if return_output else (edited, tokens)
-
-
-def _check_images(images: np.ndarray, size: int) -> np.ndarray:
-  images = np.asarray(images, np.float32)
-  if images.ndim == 3:
-    images = images[None]
-  if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-    raise ValueError(f"expected images of shape (B, {size}, {size}, 3) in [0, 1] for this model, got "
-                     f"{images.shape}; resize them first (maskgit_common.images.load_image(path, size))")
-  return images

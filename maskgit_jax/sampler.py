@@ -1,23 +1,24 @@
-"""MaskGIT iterative parallel decoding in JAX: the official decoder, step for step and key for key.
+"""MaskGIT iterative parallel decoding in JAX: one decode loop for every decoder, jittable, never syncing with the
+host.
 
-Official: google-research/maskgit `maskgit/libml/parallel_decode.py` and `mask_schedule.py`. At each step t of T
-(starting at `start_iter`):
+Every decoder is a plan for the loop (maskgit_common/decode_plan.py): the official decoder (google-research/maskgit
+`maskgit/libml/parallel_decode.py`, step for step and key for key, with the options of configs.SamplerConfig), the
+seed's `MaskGIT.sample` (valeoai MaskGIT-pytorch v1) and Halton-MaskGIT's `HaltonSampler`. The official step:
   1. logits = tokens_to_logits(ids)                            (B, S, K)
   2. key, k_sample = split(key); sampled = argmax(logits + gumbel(k_sample))   (the categorical draw)
-     unknown positions take the sample, known ones keep their token; final_seqs[:, t] = sampled
   3. ratio = (t + 1) / T; mask_len = clip(floor(N0 * schedule(ratio, N0)), 1, #unknown - 1), N0 = initial #unknown
   4. key, k_choice = split(key); confidence = log p(sampled) + choice_temperature * (1 - ratio) * gumbel(k_choice),
      +inf at known positions; the mask_len least confident positions are masked again for the next step.
-
-Every random draw comes from a noise provider: `PRNGNoise(key)` splits the key exactly as the official loop (the
-same key gives the official tokens on the same jax), `RecordedNoise` replays recorded Gumbel draws (how torch
-reproduces JAX, and how the parity runner checks both against the official record). `decode` runs the loop in a
-`lax.scan` with the step index traced, as the official `lax.while_loop` does, so XLA simplifies the schedule
-arithmetic the same way and the mask lengths agree bit for bit; it is jittable and never syncs with the host.
+The loop is a `lax.scan` with the step index traced, as the official `lax.while_loop`; for the official decoder
+the schedule and the choice temperature are the official expressions traced in the loop (`_official_hook`: XLA
+simplifies them as inside the official loop, (t + 1) / T becoming (t + 1) * (1/T)), so the mask lengths agree bit
+for bit on any device; every other number comes from the plan's host tables, shared with torch. The seed's
+"linear" confidence is float64 (its numpy noise), computed in a scoped `jax.enable_x64`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,19 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgit_common import schedules
+from maskgit_common import decode_plan, schedules
+from maskgit_common.token_layout import token_layout
+from maskgit_jax.noise import PRNGNoise, RecordedNoise  # noqa: F401  (the public providers)
 
 # Known tokens get infinite confidence, so they are never masked again (the official _CONFIDENCE_OF_KNOWN_TOKENS).
 CONFIDENCE_OF_KNOWN_TOKENS = jnp.inf
 MASK_TOKEN_ID = -1
+NULL_CLASS_TOKEN = -1  # the official unconditional pass's class token: the mask id (maskgit_common.masking)
 
 
 # Schedules ------------------------------------------------------------------------------------------------------
 def schedule(ratio, total_unknown, method: str = "cosine"):
-  """Mask ratio gamma(ratio) in [1e-6, 1]: the official `mask_schedule.schedule` plus the seed's schedules.
+  """Mask ratio gamma(ratio) in [1e-6, 1]: the official `mask_schedule.schedule` plus the seed-named curves.
 
-  Official methods use the official jnp expressions (so the values are the official ones on any device); the seed's
-  `arccos`, `square`, `root` follow `maskgit_common.schedules.mask_ratio`.
+  Official methods use the official jnp expressions (so the values are the official ones on any device); `arccos`,
+  `square`, `root` follow `maskgit_common.schedules.mask_ratio`.
   """
   schedules.check_method(method)
   ratio = jnp.asarray(ratio, jnp.float32)
@@ -54,7 +58,7 @@ def schedule(ratio, total_unknown, method: str = "cosine"):
     mask_ratio = -jnp.log2(ratio) / jnp.log2(total_unknown)
   elif method == "exp":
     mask_ratio = 1 - jnp.exp2(-jnp.log2(total_unknown) * (1 - ratio))
-  else:  # arccos (seed)
+  else:  # arccos
     mask_ratio = jnp.arccos(ratio) / (math.pi / 2.)
   return jnp.clip(mask_ratio, 1e-6, 1.)
 
@@ -66,8 +70,7 @@ def _loop_mask_ratio(step, num_iter, total_unknown, method):
 
 def decode_mask_ratio(step: int, num_iter: int, total_unknown, method: str = "cosine"):
   """The mask ratio the decoding loop uses at `step`: the official expression with the step traced, as inside the
-  official `lax.while_loop` (XLA folds (t + 1) / T into a multiply by 1/T there, which can differ from
-  `schedule((t + 1) / T)` in the last bit); the seed's schedules use `maskgit_common.schedules`."""
+  official `lax.while_loop`; the seed-named curves use `maskgit_common.schedules`."""
   if not _official_method(method):
     return jnp.asarray(schedules.decode_mask_ratio(step, num_iter, np.asarray(total_unknown), method))
   return _loop_mask_ratio(jnp.int32(step), num_iter, jnp.asarray(total_unknown, jnp.int32), method)
@@ -77,100 +80,34 @@ def _official_method(method: str) -> bool:
   return method in ("uniform", "cosine", "log", "exp") or method.startswith("pow")
 
 
-# Noise providers ------------------------------------------------------------------------------------------------
-def _array_pytree(cls):
-  """Registers a noise provider whose attributes are all arrays as a pytree, so it can be passed through jax.jit
-  (the pipelines jit the whole decode with the provider as an argument). Unflattening skips __init__: the arrays
-  were validated when the provider was built."""
-  def flatten(noise):
-    names = tuple(sorted(vars(noise)))
-    return tuple(getattr(noise, n) for n in names), names
-
-  def unflatten(names, leaves):
-    noise = object.__new__(cls)
-    vars(noise).update(zip(names, leaves))
-    return noise
-
-  jax.tree_util.register_pytree_node(cls, flatten, unflatten)
-  return cls
-
-
-@_array_pytree
-class PRNGNoise:
-  """Draws from a PRNG key with the official splitting: per step `key, k_sample = split(key)`, then
-  `key, k_choice = split(key)`; Gumbel noise is jax.random.gumbel (so `argmax(logits + g)` is
-  jax.random.categorical)."""
-
-  def __init__(self, key):
-    self.key = jnp.asarray(key)
-
-  def init_state(self):
-    return self.key
-
-  def gumbel_sample(self, state, index, shape):
-    del index
-    state, k_sample = jax.random.split(state, 2)
-    return state, jax.random.gumbel(k_sample, shape)
-
-  def gumbel_choice(self, state, index, shape):
-    del index
-    state, k_choice = jax.random.split(state)
-    return state, jax.random.gumbel(k_choice, shape)
-
-
-@_array_pytree
-class RecordedNoise:
-  """Replays recorded draws: `gumbel_sample` (n, B, S, K) and `gumbel_choice` (n, B, S) for the n executed steps."""
-
-  def __init__(self, gumbel_sample, gumbel_choice):
-    self.gumbel_sample_draws = jnp.asarray(gumbel_sample, jnp.float32)
-    self.gumbel_choice_draws = jnp.asarray(gumbel_choice, jnp.float32)
-    if self.gumbel_sample_draws.ndim != 4 or self.gumbel_choice_draws.ndim != 3:
-      raise ValueError(f"RecordedNoise: gumbel_sample must be (n, B, S, K) and gumbel_choice (n, B, S), got "
-                       f"{self.gumbel_sample_draws.shape} and {self.gumbel_choice_draws.shape}")
-
-  def init_state(self):
-    return jnp.zeros((), jnp.int32)
-
-  def _take(self, draws, index, shape, what):
-    if draws.shape[0] <= 0 or tuple(draws.shape[1:]) != tuple(shape):
-      raise ValueError(f"RecordedNoise.{what}: recorded draws have shape {tuple(draws.shape)}, the step needs "
-                       f"(n, {', '.join(map(str, shape))})")
-    return jax.lax.dynamic_index_in_dim(draws, index, keepdims=False)
-
-  def gumbel_sample(self, state, index, shape):
-    return state, self._take(self.gumbel_sample_draws, index, shape, "gumbel_sample")
-
-  def gumbel_choice(self, state, index, shape):
-    return state, self._take(self.gumbel_choice_draws, index, shape, "gumbel_choice")
-
-  def check_steps(self, n):
-    for name, draws in (("gumbel_sample", self.gumbel_sample_draws), ("gumbel_choice", self.gumbel_choice_draws)):
-      if draws.shape[0] < n:
-        raise ValueError(f"RecordedNoise.{name}: {draws.shape[0]} recorded steps, the decode runs {n}")
-
-
-# The decoder ----------------------------------------------------------------------------------------------------
+# The decode output ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class DecodeOutput:
-  """Official return value `final_seqs` (B, T, S) plus every executed step's state (n = T - start_iter)."""
-  final_seqs: jax.Array  # (B, T, S) int32; rows before start_iter repeat init_ids; row t = step t's samples
-  step_input_ids: jax.Array  # (n, B, S) int32, -1 = unknown
-  step_sampled_ids: jax.Array  # (n, B, S) int32, samples at unknown positions, inputs elsewhere
-  step_mask_len: jax.Array  # (n, B, 1) int32, tokens masked again after the step
-  step_masking: jax.Array  # (n, B, S) bool, True = masked again
-  step_state_after: jax.Array  # (n, B, S) int32, the next step's input
-
-  @property
-  def tokens(self):
-    """(B, S - 1): the final image tokens (class token dropped)."""
-    return self.final_seqs[:, -1, 1:]
-
-
-jax.tree_util.register_dataclass(
-    DecodeOutput, data_fields=[f.name for f in dataclasses.fields(DecodeOutput)], meta_fields=[])
+class DecodeOutput(decode_plan.DecodeOutputViews):
+  """Official return value `final_seqs` (B, T, S) plus every step's state; the fields of maskgit_torch.sampler's."""
+  final_seqs: jax.Array  # (B, T, S) int32
+  step_input_ids: jax.Array  # (n, B, S) int32
+  step_sampled_ids: jax.Array  # (n, B, S) int32
+  step_mask_len: jax.Array  # (n, B, 1) int32
+  step_masking: jax.Array  # (n, B, S) bool
+  step_state_after: jax.Array  # (n, B, S) int32
+  step_unknown: jax.Array  # (n, B, S) bool
+  step_predictions: jax.Array  # (n, B, S) int32
+  step_count: jax.Array  # (n, B) int32
+  steps_run: jax.Array  # () int32
+  final_tokens: jax.Array  # (B, L) int32
+  class_position: int = 0
 
 
+_DATA = [f.name for f in dataclasses.fields(DecodeOutput) if f.name != "class_position"]
+jax.tree_util.register_dataclass(DecodeOutput, data_fields=_DATA, meta_fields=["class_position"])
+
+
+def _x64(enabled: bool):
+  """The seed's float64 confidence: a scoped jax.enable_x64 (nothing changes where it is off or already on)."""
+  return jax.enable_x64(True) if enabled and not jax.config.jax_enable_x64 else contextlib.nullcontext()
+
+
+# One step -------------------------------------------------------------------------------------------------------
 def mask_by_random_topk(mask_len, probs, gumbel, temperature):
   """(B, S) bool, True = mask: the official `mask_by_random_topk` with its Gumbel draw passed in.
 
@@ -182,18 +119,242 @@ def mask_by_random_topk(mask_len, probs, gumbel, temperature):
   return confidence < cut_off
 
 
-def _raw_mask_len(step, num_iter, unknown_at_start, method, seq_len):
-  """floor(N0 * gamma((step + 1) / T)) as float32 (B, 1), before the clamp to [1, #unknown - 1]."""
+def _top_k_draw(scores, g, k):
+  values, ids = jax.lax.top_k(scores, k)
+  pick = jnp.argmax(values + jnp.take_along_axis(g, ids, -1), axis=-1)[..., None]
+  return jnp.take_along_axis(ids, pick, -1)[..., 0]
+
+
+def categorical(rule, logits, g):
+  """(draws (B, L), p(draw)): argmax(logits + g) (official) or argmax(log softmax + g) (the seed, Halton); top_k
+  draws among the k most likely (Halton: renormalised); see maskgit_torch.sampler.categorical."""
+  if rule.categorical == "logits":
+    pred = jnp.argmax(g + logits, axis=-1) if not rule.top_k else _top_k_draw(logits, g, rule.top_k)
+    probs = jax.nn.softmax(logits, axis=-1)
+  else:
+    probs = jax.nn.softmax(logits, axis=-1)
+    if rule.top_k:  # Halton-MaskGIT l.130-134
+      values, ids = jax.lax.top_k(probs, rule.top_k)
+      values = values / values.sum(-1, keepdims=True)
+      pick = jnp.argmax(jnp.log(values) + jnp.take_along_axis(g, ids, -1), axis=-1)[..., None]
+      pred = jnp.take_along_axis(ids, pick, -1)[..., 0]
+    else:
+      pred = jnp.argmax(jnp.log(probs) + g, axis=-1)
+  pred = pred.astype(jnp.int32)
+  return pred, jnp.take_along_axis(probs, pred[..., None], -1)[..., 0]
+
+
+def confidence(rule, probs, draws, params):
+  """The confidence of each draw (see maskgit_torch.sampler.confidence); `linear64` inside the float64 scope."""
+  if rule.confidence == "weighted":
+    a, b = params["conf_log"], params["conf_noise"]
+    return jnp.where(a > 0, a * jnp.log(probs), 0.) + b * draws["gumbel_choice"]
+  if rule.confidence == "halton_rank":
+    return jnp.broadcast_to(-params["rank"].astype(probs.dtype), probs.shape)
+  if rule.confidence == "linear64":
+    noise = (params["noise_scale"] * draws["gumbel_choice"]) * params["noise_keep"]
+    return jnp.log(probs).astype(jnp.float64) + noise
+  if rule.confidence in ("warm_up", "random"):
+    return jnp.where(params["uses_uniform"], draws["uniform_choice"], probs)
+  return probs
+
+
+def _official_hook(plan, params, probs, unknown, g_choice, step):
+  """The official decoder's re-masking with its arithmetic traced (module docstring): mask_len from the official
+  schedule expression (or the host table for the seed-named curves), temperature choice_temperature * (1 - ratio)."""
+  method, num_iter = plan.rule.trace_official, plan.num_iter
+  ratio = 1. * (step + 1) / num_iter
   if _official_method(method):
-    # The official expressions, traced: XLA simplifies them exactly as inside the official while_loop.
-    ratio = 1. * (step + 1) / num_iter
-    mask_ratio = schedule(ratio, unknown_at_start, method)
-    return jnp.expand_dims(jnp.floor(unknown_at_start * mask_ratio), 1)
-  # Seed schedules: the framework-free reference, tabulated over every possible N0 (0..S), shared with torch.
-  table = schedules.mask_len_table(num_iter, seq_len, method)
-  return jnp.asarray(table)[step, unknown_at_start][:, None]
+    n0 = params["unknown_at_start"]
+    mask_len = jnp.expand_dims(jnp.floor(n0 * schedule(ratio, n0, method)), 1)
+  else:
+    mask_len = params["mask_len"]
+  mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, axis=-1, keepdims=True) - 1, mask_len))
+  temperature = plan.choice_temperature * (1. - ratio)  # a Python float, as in the official loop
+  probs = jnp.where(unknown, probs, CONFIDENCE_OF_KNOWN_TOKENS)
+  padded = jnp.concatenate([probs, jnp.full_like(probs[:, :1], jnp.inf)], axis=-1)  # the class token's +inf
+  padded_g = jnp.concatenate([g_choice, jnp.zeros_like(g_choice[:, :1])], axis=-1)
+  return mask_by_random_topk(mask_len, padded, padded_g, temperature)[:, :-1], mask_len.astype(jnp.int32)
 
 
+def decode_step(plan, params, logits, codes, unknown, draws, step):
+  """One step from its logits -> (draws, codes after, unknown after, mask_len (B, 1) or None, count (B,))."""
+  rule, batch = plan.rule, codes.shape[0]
+  pred, probs = categorical(rule, logits, draws["gumbel_sample"])
+  if rule.selection == "rank":  # Halton: the cells of rank < the cumulative count (order[prev:r], l.106-110)
+    reveal = unknown & (params["rank"] < params["count"])
+    count = jnp.broadcast_to(params["step_cells"], (batch,)).astype(jnp.int32)
+    return pred, jnp.where(reveal, pred, codes), unknown & ~reveal, None, count
+  if rule.selection == "remask":
+    if rule.trace_official:
+      masking, mask_len = _official_hook(plan, params, probs, unknown, draws["gumbel_choice"], step)
+    else:
+      conf = jnp.where(unknown, confidence(rule, probs, draws, params), CONFIDENCE_OF_KNOWN_TOKENS)
+      mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(unknown, axis=-1, keepdims=True) - 1, params["mask_len"]))
+      mask_len = jnp.nan_to_num(mask_len).astype(jnp.int32)
+      padded = jnp.concatenate([jnp.sort(conf, axis=-1), jnp.full_like(conf[:, :1], jnp.inf)], axis=-1)
+      masking = conf < jnp.take_along_axis(padded, mask_len, axis=-1)
+    after = jnp.where(masking, rule.mask_id, jnp.where(unknown, pred, codes))
+    return pred, after, masking, mask_len, (jnp.sum(unknown, axis=-1) - mask_len[:, 0]).astype(jnp.int32)
+  # The seed (maskgit_torch.sampler.decode_step): the t most confident after the batch clip revealed, the code
+  # written where conf >= the t-th (ties included). t is traced here, so a stable sort ranks them: tied values go
+  # lower index first, where torch takes torch.topk's order (the seed's); they tie only for degenerate logits.
+  with _x64(rule.confidence == "linear64"):
+    conf = jnp.where(unknown, confidence(rule, probs, draws, params), -jnp.inf)
+    t = jnp.maximum(jnp.minimum(params["count"], jnp.sum(unknown)), 0).astype(jnp.int32)
+    order = jnp.argsort(-conf, axis=-1, stable=True)
+    ranked = jnp.take_along_axis(conf, order, -1)
+    position = jnp.zeros_like(order).at[jnp.arange(batch)[:, None], order].set(
+        jnp.arange(conf.shape[-1], dtype=order.dtype)[None, :])
+    threshold = ranked[:, jnp.maximum(t - 1, 0)][:, None]
+    written = unknown & (conf >= threshold) & (t > 0)
+    revealed = position < t
+  return pred, jnp.where(written, pred, codes), unknown & ~revealed, None, jnp.broadcast_to(t, (batch,))
+
+
+# The loop -------------------------------------------------------------------------------------------------------
+def _with_class(codes, class_tokens, position):
+  return jnp.concatenate([codes[..., :position], class_tokens[..., None], codes[..., position:]], axis=-1)
+
+
+def _logits(plan, step, tokens_to_logits, seq, tables):
+  """The step's logits over the image positions and sample width: guidance, then the softmax temperature."""
+  rule = plan.rule
+  if rule.guidance:  # one call on 2B rows: the conditional rows, then the same with the null class
+    null = seq.at[:, rule.class_position].set(rule.null_class_id)
+    cond, uncond = jnp.split(tokens_to_logits(jnp.concatenate([seq, null], axis=0)), 2, axis=0)
+    logits = tables["cond_weight"][step] * cond - tables["uncond_weight"][step] * uncond
+  else:
+    logits = tokens_to_logits(seq)
+  logits = logits.astype(jnp.float32)
+  if logits.shape[1] == seq.shape[1]:  # logits at every position: drop the class token's
+    logits = jnp.concatenate([logits[:, :rule.class_position], logits[:, rule.class_position + 1:]], axis=1)
+  logits = logits[..., :rule.sample_width or None]
+  if rule.temperature == "divide":
+    logits = logits / tables["temperature"][step]
+  elif rule.temperature == "multiply":
+    logits = logits * tables["temperature"][step]
+  return logits
+
+
+def _draws(plan, noise, state, index, step, shape, tables):
+  rule, (batch, length, width) = plan.rule, shape
+  positions, image = rule.draw_positions(length)
+  state, g = noise.gumbel_sample(state, index, (batch, positions, width))
+  draws = {"gumbel_sample": g[:, image]}
+  if rule.confidence in ("weighted", "linear64"):  # (the provider widens the seed's draws to float64 itself)
+    dtype = jnp.float64 if rule.confidence == "linear64" else jnp.float32
+    state, g = noise.gumbel_choice(state, index, (batch, positions), dtype)
+    with _x64(rule.confidence == "linear64"):
+      draws["gumbel_choice"] = g[:, image]
+  if rule.confidence in ("warm_up", "random"):
+    state, draws["uniform_choice"] = noise.uniform_choice(state, jnp.maximum(tables["uniform_index"][step], 0),
+                                                          (batch, length))
+  return state, draws
+
+
+def _step_params(plan, tables, step, unknown_at_start, rank):
+  params = {n: tables[n][step] for n in ("conf_log", "conf_noise")}
+  params["unknown_at_start"] = unknown_at_start
+  params["uses_uniform"] = tables["uniform_index"][step] >= 0
+  if plan.rule.confidence == "linear64":
+    with _x64(True):
+      params["noise_scale"] = jnp.asarray(plan.noise_scale)[step]
+      params["noise_keep"] = jnp.asarray(plan.noise_keep)[step]
+  if "mask_len" in tables:
+    params["mask_len"] = tables["mask_len"][step, unknown_at_start][:, None]
+  if "counts" in tables:
+    params["count"] = tables["counts"][step]
+    params["step_cells"] = tables["counts"][step] - jnp.where(step > 0, tables["counts"][jnp.maximum(step - 1, 0)],
+                                                               0)
+  if rank is not None:
+    params["rank"] = rank
+  return params
+
+
+def _tables(plan):
+  names = ("cond_weight", "uncond_weight", "temperature", "conf_log", "conf_noise", "uniform_index")
+  tables = {n: jnp.asarray(getattr(plan, n)) for n in names}
+  for name in ("mask_len", "counts"):
+    if getattr(plan, name) is not None:
+      tables[name] = jnp.asarray(getattr(plan, name).astype(np.float32 if name == "mask_len" else np.int32))
+  return tables
+
+
+def run_plan(plan, init_ids, tokens_to_logits: Callable, noise) -> DecodeOutput:
+  """Decodes (B, S) ids in the layout's order (the mask id = unknown) by following `plan`; jittable."""
+  rule, position = plan.rule, plan.rule.class_position
+  ids = jnp.asarray(init_ids).astype(jnp.int32)
+  if ids.ndim != 2:
+    raise ValueError(f"decode: init_ids must be (B, S), got shape {ids.shape}")
+  batch = ids.shape[0]
+  class_tokens = ids[:, position]
+  codes = jnp.concatenate([ids[:, :position], ids[:, position + 1:]], axis=1)
+  unknown = codes == rule.mask_id
+  unknown_at_start = jnp.sum(unknown, axis=-1)
+  traced = isinstance(unknown_at_start, jax.core.Tracer)
+  if isinstance(noise, RecordedNoise) and not (rule.stop_when_done and traced):
+    # (under jit the seed's executed steps depend on the inputs: only the draws' shapes are checked there)
+    noise.check_draws(plan.draw_counts(plan.steps_run(np.asarray(unknown_at_start)) if rule.stop_when_done
+                                       else None))
+  state = noise.init_state()
+  if rule.random_init:
+    state, random_codes = noise.integers(state, "init_tokens", codes.shape, rule.codebook_size)
+    codes = jnp.where(unknown, random_codes.astype(jnp.int32), codes)
+  rank = None
+  if plan.rank is not None:
+    rank = jnp.broadcast_to(jnp.asarray(plan.rank), codes.shape)
+    if rule.roll_order:  # Halton l.86-91: each sample's order rolled by randint(0, N)
+      state, shift = noise.integers(state, "order_roll", (batch,), plan.rank.shape[0])
+      rank = (rank + shift[:, None].astype(jnp.int32)) % plan.rank.shape[0]
+  tables = _tables(plan)
+
+  def run(carry, index):
+    codes, unknown, state = carry
+    step = plan.start_iter + index
+    logits = _logits(plan, step, tokens_to_logits, _with_class(codes, class_tokens, position), tables)
+    state, draws = _draws(plan, noise, state, index, step, logits.shape, tables)
+    pred, after, unknown_after, mask_len, count = decode_step(
+        plan, _step_params(plan, tables, step, unknown_at_start, rank), logits, codes, unknown, draws, step)
+    if mask_len is None:
+      mask_len = jnp.sum(unknown_after, axis=-1, keepdims=True).astype(jnp.int32)
+    record = (codes, unknown, pred, jnp.where(unknown, pred, codes), mask_len, unknown_after, after, count,
+              jnp.bool_(True))
+    return (after, unknown_after, state), record
+
+  def skip(carry, index):  # the seed stopped: nothing is drawn or written
+    codes, unknown, _ = carry
+    zeros = jnp.zeros((batch,), jnp.int32)
+    mask_len = jnp.sum(unknown, axis=-1, keepdims=True).astype(jnp.int32)
+    return carry, (codes, unknown, codes, codes, mask_len, unknown, codes, zeros, jnp.bool_(False))
+
+  def step_fn(carry, index):
+    if not rule.stop_when_done:
+      return run(carry, index)
+    return jax.lax.cond(jnp.any(carry[1]), run, skip, carry, index)
+
+  _, records = jax.lax.scan(step_fn, (codes, unknown, state), jnp.arange(plan.steps, dtype=jnp.int32))
+  return _stack_output(plan, ids, class_tokens, records)
+
+
+def _stack_output(plan, ids, class_tokens, records) -> DecodeOutput:
+  rule = plan.rule
+  codes, unknown, pred, sampled, mask_len, masking, after, count, ran = records
+  n = codes.shape[0]
+  cls = jnp.broadcast_to(class_tokens, (n,) + class_tokens.shape)
+  seq = [_with_class(x, cls, rule.class_position).astype(jnp.int32) for x in (codes, pred, sampled, after)]
+  flags = [_with_class(x, jnp.zeros_like(cls, dtype=bool), rule.class_position) for x in (unknown, masking)]
+  rows = seq[2] if rule.selection == "remask" else seq[3]
+  before = jnp.tile(ids[:, None, :], (1, plan.start_iter, 1))
+  final_seqs = jnp.concatenate([before, jnp.swapaxes(rows, 0, 1)], axis=1)
+  final = (sampled if rule.selection == "remask" else after)[-1].astype(jnp.int32)
+  if rule.codebook_size:
+    final = jnp.clip(final, 0, rule.codebook_size - 1)
+  return DecodeOutput(final_seqs, seq[0], seq[2], mask_len.astype(jnp.int32), flags[1], seq[3], flags[0], seq[1],
+                      count.astype(jnp.int32), jnp.sum(ran).astype(jnp.int32), final, rule.class_position)
+
+
+# Entry points ---------------------------------------------------------------------------------------------------
 def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, start_iter: int = 0,
            choice_temperature: float = 1.0, mask_schedule: str = "cosine") -> DecodeOutput:
   """The official parallel decoding (see the module docstring); same arguments and order of draws.
@@ -206,117 +367,25 @@ def decode(init_ids, tokens_to_logits: Callable, noise, *, num_iter: int = 12, s
     choice_temperature: Gumbel temperature of the confidence, annealed linearly to 0 at the last step.
     mask_schedule: `uniform`, `cosine`, `log`, `exp`, `powX` (official) or `linear`, `square`, `root`, `arccos`.
   """
-  schedules.check_method(mask_schedule)
-  if not 0 <= start_iter < num_iter:
-    raise ValueError(f"decode: need 0 <= start_iter < num_iter, got start_iter={start_iter}, num_iter={num_iter}")
-  ids = jnp.asarray(init_ids).astype(jnp.int32)
+  ids = jnp.asarray(init_ids)
   if ids.ndim != 2:
     raise ValueError(f"decode: init_ids must be (B, S), got shape {ids.shape}")
-  n = num_iter - start_iter
-  if isinstance(noise, RecordedNoise):
-    noise.check_steps(n)
-  unknown_at_start = jnp.sum(ids == MASK_TOKEN_ID, axis=-1)
-  seq_len = ids.shape[1]
-
-  def step_fn(carry, index):
-    cur_ids, noise_state = carry
-    step = start_iter + index
-    logits = tokens_to_logits(cur_ids)
-    noise_state, g_sample = noise.gumbel_sample(noise_state, index, logits.shape)
-    sampled_ids = jnp.argmax(g_sample + logits, axis=-1).astype(jnp.int32)  # jax.random.categorical
-    unknown_map = cur_ids == MASK_TOKEN_ID
-    sampled_ids = jnp.where(unknown_map, sampled_ids, cur_ids)
-    ratio = 1. * (step + 1) / num_iter
-    probs = jax.nn.softmax(logits, axis=-1)
-    selected_probs = jnp.squeeze(jnp.take_along_axis(probs, jnp.expand_dims(sampled_ids, -1), -1), -1)
-    selected_probs = jnp.where(unknown_map, selected_probs, CONFIDENCE_OF_KNOWN_TOKENS)
-    mask_len = _raw_mask_len(step, num_iter, unknown_at_start, mask_schedule, seq_len)
-    # Keep at least one prediction this round and mask at least one for the next (official clamp).
-    mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(unknown_map, axis=-1, keepdims=True) - 1, mask_len))
-    noise_state, g_choice = noise.gumbel_choice(noise_state, index, selected_probs.shape)
-    masking = mask_by_random_topk(mask_len, selected_probs, g_choice, choice_temperature * (1. - ratio))
-    next_ids = jnp.where(masking, MASK_TOKEN_ID, sampled_ids)
-    record = (cur_ids, sampled_ids, mask_len.astype(jnp.int32), masking, next_ids)
-    return (next_ids, noise_state), record
-
-  _, records = jax.lax.scan(step_fn, (ids, noise.init_state()), jnp.arange(n, dtype=jnp.int32))
-  step_input_ids, step_sampled_ids, step_mask_len, step_masking, step_state_after = records
-  before = jnp.tile(ids[:, None, :], (1, start_iter, 1))
-  final_seqs = jnp.concatenate([before, jnp.swapaxes(step_sampled_ids, 0, 1)], axis=1)
-  return DecodeOutput(final_seqs, step_input_ids, step_sampled_ids, step_mask_len, step_masking, step_state_after)
-
-
-# Options (configs.SamplerConfig) --------------------------------------------------------------------------------
-NULL_CLASS_TOKEN = -1  # the unconditional pass's class token: the mask id (maskgit_common.masking, class dropout)
-
-
-def guided_logits(tokens_to_logits, ids, weight):
-  """Classifier-free guidance (1 + w) cond - w uncond from ONE call of tokens_to_logits on 2B rows: the first B
-  are `ids`, the last B the same with the class token replaced by the null class (the mask id -1)."""
-  null = ids.at[:, 0].set(NULL_CLASS_TOKEN)
-  cond, uncond = jnp.split(tokens_to_logits(jnp.concatenate([ids, null], axis=0)), 2, axis=0)
-  return (1 + weight) * cond - weight * uncond
+  plan = decode_plan.official_plan(num_iter, start_iter, choice_temperature, mask_schedule, ids.shape[1])
+  return run_plan(plan, ids, tokens_to_logits, noise)
 
 
 def decode_with_config(init_ids, tokens_to_logits: Callable, noise, sampler_config, *, num_iter=None,
-                       start_iter=None) -> DecodeOutput:
-  """Decoding with the options of a `configs.SamplerConfig` (or a whole MaskGITConfig); identical in both backends.
-
-  With the default options this is exactly `decode` (the official decoder). Otherwise every per-step number comes
-  from `maskgit_common.schedules.decode_plan` and every draw from `noise` (the same two Gumbel draws per step as
-  the official loop, so a RecordedNoise of shape (n, B, S, K) / (n, B, S) drives any option):
-    - guidance: `tokens_to_logits` is called once per step on 2B rows (see `guided_logits`);
-    - softmax_temperature divides the (guided) logits before the categorical draw and the confidence;
-    - the confidence is a_t log p(sample) + b_t g_t (see `schedules.confidence_weights`), or -Halton rank;
-    - mask lengths come from the configured schedule or `tokens_per_step`, with the official clamp.
-  num_iter / start_iter override the config's (e.g. start_iter=edit_start_iter for editing).
-  """
+                       start_iter=None, layout=None) -> DecodeOutput:
+  """Decoding with a `configs.SamplerConfig` (or a whole MaskGITConfig, whose token layout is then used);
+  identical in both backends. With the default options this is exactly `decode`. Every per-step number comes from
+  the plan (maskgit_common.decode_plan.plan_from_config) and every draw from `noise`. num_iter / start_iter
+  override the config's (e.g. start_iter=sampler.edit_start for editing); `layout` (a TokenLayout) is needed for
+  seed-layout models when only the sampler section is given."""
   cfg = getattr(sampler_config, "sampler", sampler_config)
-  num_iter = cfg.num_iter if num_iter is None else num_iter
-  start_iter = cfg.start_iter if start_iter is None else start_iter
-  if cfg.is_official:
-    return decode(init_ids, tokens_to_logits, noise, num_iter=num_iter, start_iter=start_iter,
-                  choice_temperature=cfg.choice_temperature, mask_schedule=cfg.mask_schedule)
-  if not 0 <= start_iter < num_iter:
-    raise ValueError(f"decode_with_config: need 0 <= start_iter < num_iter, got {start_iter}, {num_iter}")
-  ids = jnp.asarray(init_ids).astype(jnp.int32)
-  n = num_iter - start_iter
-  if isinstance(noise, RecordedNoise):
-    noise.check_steps(n)
-  plan = {k: jnp.asarray(v) for k, v in schedules.decode_plan(cfg, num_iter, start_iter, ids.shape[1]).items()}
-  unknown_at_start = jnp.sum(ids == MASK_TOKEN_ID, axis=-1)
-
-  def step_fn(carry, index):
-    cur_ids, noise_state = carry
-    step = start_iter + index
-    if cfg.guidance_scale > 0:
-      logits = guided_logits(tokens_to_logits, cur_ids, plan["guidance"][index])
-    else:
-      logits = tokens_to_logits(cur_ids)
-    if cfg.softmax_temperature != 1:
-      logits = logits / jnp.float32(cfg.softmax_temperature)
-    noise_state, g_sample = noise.gumbel_sample(noise_state, index, logits.shape)
-    sampled_ids = jnp.argmax(g_sample + logits, axis=-1).astype(jnp.int32)
-    unknown_map = cur_ids == MASK_TOKEN_ID
-    sampled_ids = jnp.where(unknown_map, sampled_ids, cur_ids)
-    probs = jax.nn.softmax(logits, axis=-1)
-    selected_probs = jnp.squeeze(jnp.take_along_axis(probs, jnp.expand_dims(sampled_ids, -1), -1), -1)
-    mask_len = plan["mask_len"][step, unknown_at_start][:, None]
-    mask_len = jnp.maximum(1, jnp.minimum(jnp.sum(unknown_map, axis=-1, keepdims=True) - 1, mask_len))
-    mask_len = jnp.nan_to_num(mask_len).astype(jnp.int32)
-    noise_state, g_choice = noise.gumbel_choice(noise_state, index, selected_probs.shape)
-    if cfg.order == "halton":
-      confidence = jnp.broadcast_to(-plan["halton_rank"], selected_probs.shape)
-    else:
-      a, b = plan["conf_log"][index], plan["conf_noise"][index]
-      confidence = jnp.where(a > 0, a * jnp.log(selected_probs), 0.) + b * g_choice
-    confidence = jnp.where(unknown_map, confidence, CONFIDENCE_OF_KNOWN_TOKENS)
-    cut_off = jnp.take_along_axis(jnp.sort(confidence, axis=-1), mask_len, axis=-1)
-    masking = confidence < cut_off
-    next_ids = jnp.where(masking, MASK_TOKEN_ID, sampled_ids)
-    return (next_ids, noise_state), (cur_ids, sampled_ids, mask_len, masking, next_ids)
-
-  _, records = jax.lax.scan(step_fn, (ids, noise.init_state()), jnp.arange(n, dtype=jnp.int32))
-  before = jnp.tile(ids[:, None, :], (1, start_iter, 1))
-  final_seqs = jnp.concatenate([before, jnp.swapaxes(records[1], 0, 1)], axis=1)
-  return DecodeOutput(final_seqs, *records)
+  if layout is None and hasattr(sampler_config, "sampler"):
+    layout = token_layout(sampler_config)
+  ids = jnp.asarray(init_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"decode: init_ids must be (B, S), got shape {ids.shape}")
+  plan = decode_plan.plan_from_config(cfg, ids.shape[1], layout, num_iter, start_iter)
+  return run_plan(plan, ids, tokens_to_logits, noise)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from configs import MaskGITConfig
-from maskgit_common import editing
+from maskgit_common import decode_inputs
+from maskgit_common.token_layout import token_layout
 from maskgit_torch import checkpoint, sampler
 from maskgit_torch import device as device_lib
 from maskgit_torch.tokenizer import VQVAE
@@ -24,7 +25,7 @@ from maskgit_torch.transformer import Transformer
 PRECISIONS = ("parity", "fast")
 
 
-class MaskGIT:
+class MaskGIT(decode_inputs.Generation):
   """A tokenizer + transformer pair with the config that built them."""
 
   def __init__(self, config: MaskGITConfig, tokenizer: VQVAE, transformer: Transformer | None,
@@ -68,10 +69,6 @@ class MaskGIT:
                torch_compile=torch_compile)
 
   # Small helpers --------------------------------------------------------------------------------------------------
-  def class_names(self, labels: Sequence[int]) -> list[str]:
-    names = self.config.data.class_names
-    return [names[int(l)] if int(l) < len(names) else str(int(l)) for l in labels]
-
   def _autocast(self):
     if self.precision == "fast":
       return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -84,28 +81,20 @@ class MaskGIT:
 
   @torch.inference_mode()
   def tokens_to_logits(self, ids: torch.Tensor) -> torch.Tensor:
-    """(N, S) ids -> (N, S, K) float32 logits over the image codes (the official slice of the vocabulary)."""
+    """(N, S) ids -> float32 logits over the columns the decoder samples (the layout's sample width: official K)."""
     self._require_transformer()
     with self._autocast():
       logits = self._compiled.get("transformer", self.transformer)(ids)
-    return logits[..., :self.config.codebook_size].float()
+    return logits[..., :token_layout(self.config).sample_width].float()
 
   def make_noise(self, seed: int):
     return sampler.GeneratorNoise(torch.Generator(device=self.device).manual_seed(int(seed)))
-
-  def class_tokens(self, labels: Sequence[int]) -> torch.Tensor:
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    bad = labels[(labels < 0) | (labels >= self.config.num_class)]
-    if bad.size:
-      raise ValueError(f"class labels must lie in [0, {self.config.num_class}), got {bad.tolist()}")
-    return torch.as_tensor(labels + self.config.codebook_size, device=self.device)
 
   # Public API ----------------------------------------------------------------------------------------------------
   @torch.inference_mode()
   def encode(self, images: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) float in [0, 1] -> codes int32 (B, h, h)."""
-    images = _check_images(images, self.config.image_size)
-    x = torch.as_tensor(images, device=self.device)
+    x = torch.as_tensor(decode_inputs.check_images(images, self.config.image_size), device=self.device)
     with self._autocast():
       codes = self.tokenizer.encode_to_indices(x)
     return codes.cpu().numpy().astype(np.int32)
@@ -119,56 +108,19 @@ class MaskGIT:
     return images.float().cpu().numpy()
 
   @torch.inference_mode()
-  def decode_sequences(self, init_ids: torch.Tensor, noise, num_iter: int | None = None,
-                       start_iter: int | None = None):
-    """Runs the configured decoder from (B, S) ids (-1 = unknown) -> DecodeOutput."""
-    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config.sampler,
-                                      num_iter=num_iter, start_iter=start_iter,
+  def decode_sequences(self, init_ids, noise, num_iter: int | None = None, start_iter: int | None = None):
+    """Runs the configured decoder from (B, S) ids in the model's token layout (mask id = unknown) -> DecodeOutput."""
+    init_ids = torch.as_tensor(init_ids, device=self.device).long()
+    return sampler.decode_with_config(init_ids, self.tokens_to_logits, noise, self.config, num_iter=num_iter,
+                                      start_iter=start_iter,
                                       step_fn=self._compiled.get("step", sampler.decode_step))
 
   @torch.inference_mode()
   def _images_from_output(self, out) -> tuple[np.ndarray, np.ndarray]:
     side = self.config.latent_size
-    tokens = out.final_seqs[:, -1, 1:].reshape(-1, side, side)
+    tokens = out.tokens.reshape(-1, side, side)
     with self._autocast():  # decoded where the tokens are; one copy to the host at the end
       images = self._compiled.get("decode", self.tokenizer.decode_from_indices)(tokens.long())
     return images.float().cpu().numpy(), tokens.cpu().numpy().astype(np.int32)
 
-  def generate(self, labels: Sequence[int], seed: int = 0, num_iter: int | None = None, noise=None,
-               return_output: bool = False):
-    """Class-conditional samples -> (images (B, H, W, 3), tokens (B, h, h)) [, DecodeOutput]."""
-    class_tokens = self.class_tokens(labels)
-    init_ids = torch.full((len(class_tokens), self.config.seq_len), self.config.mask_token_id, dtype=torch.int64,
-                          device=self.device)
-    init_ids[:, 0] = class_tokens
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter)
-    images, tokens = self._images_from_output(out)
-    return (images, tokens, out) if return_output else (images, tokens)
 
-  def edit(self, images: np.ndarray, latent_mask: np.ndarray, labels: Sequence[int], seed: int = 0,
-           num_iter: int | None = None, start_iter: int | None = None, noise=None, return_output: bool = False):
-    """Regenerates the tokens where `latent_mask` (h, h) or (B, h, h) is 1, conditioned on `labels`.
-
-    Tokens outside the mask are kept exactly (the decoder never re-masks known tokens). The decoder starts at
-    `start_iter` (default `config.sampler.edit_start_iter`, as the official editing demo). Returns the decoded
-    images (to be blended into the originals with `maskgit_common.editing`) and the tokens.
-    """
-    codes = self.encode(images)
-    init_ids = editing.edit_input_tokens(codes, latent_mask, labels, self.config)
-    self.class_tokens(labels)  # validates the labels
-    init_ids = torch.as_tensor(np.asarray(init_ids, np.int64), device=self.device)
-    start_iter = self.config.sampler.edit_start_iter if start_iter is None else start_iter
-    out = self.decode_sequences(init_ids, noise if noise is not None else self.make_noise(seed), num_iter,
-                                start_iter)
-    edited, tokens = self._images_from_output(out)
-    return (edited, tokens, out) if return_output else (edited, tokens)
-
-
-def _check_images(images: np.ndarray, size: int) -> np.ndarray:
-  images = np.asarray(images, np.float32)
-  if images.ndim == 3:
-    images = images[None]
-  if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-    raise ValueError(f"expected images of shape (B, {size}, {size}, 3) in [0, 1] for this model, got "
-                     f"{images.shape}; resize them first (maskgit_common.images.load_image(path, size))")
-  return images

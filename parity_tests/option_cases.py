@@ -14,7 +14,6 @@ the versions). Regenerate only on purpose: a changed file means the JAX decoder 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -38,6 +37,7 @@ OPTIONS = {
     "randomize_random": {"randomize": "random"},
     "tokens_per_step": {"tokens_per_step": "per-step counts"},  # filled from the case's token count
     "halton": {"order": "halton"},
+    "top_k": {"top_k": 5},
 }
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   import jax  # pylint: disable=import-outside-toplevel
   case = Case(args.golden)
-  os.makedirs(args.out, exist_ok=True)
+  from maskgit_common import fileio  # pylint: disable=import-outside-toplevel
   index = {"source_case": os.path.basename(os.path.abspath(args.golden)), "jax": jax.__version__,
            "generated_by": "maskgit_jax.sampler.decode_with_config (parity_tests/option_cases.py)", "options": {}}
   for option in OPTIONS:
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     fileio.atomic_write(os.path.join(args.out, f"{option}.npz"), lambda f, a=arrays: np.savez_compressed(f, **a))
     index["options"][option] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     print(f"wrote {option}.npz {overrides}")
-  fileio.atomic_write_text(os.path.join(args.out, "cases.json"), json.dumps(index, indent=1))
+  fileio.atomic_write_json(os.path.join(args.out, "cases.json"), index, indent=1)
 
 
 if __name__ == "__main__":

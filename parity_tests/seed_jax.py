@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion import seed_table
-from maskgit_common import msgpack_io
+import conversion
 from maskgit_jax import device as device_lib
 from maskgit_jax.seed_transformer import MaskTransformer
 from maskgit_jax.taming import VQModel
-from maskgit_jax.transformer import flatten_intermediates
+from parity_tests.intermediates import flatten_flax
 from parity_tests import seed_checks
 
 NAME = "jax"
@@ -34,7 +34,7 @@ def param_shapes(config, which):
   """{flat 'params/...' path: shape} of the module's own init, via jax.eval_shape (nothing is allocated)."""
   model = MODULES[which](config)
   tree = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_input(config, which)))
-  return {k: tuple(v.shape) for k, v in msgpack_io.flatten(tree).items()}
+  return {k: tuple(v.shape) for k, v in conversion.flatten(tree).items()}
 
 
 def variables(config, which, state):
@@ -45,7 +45,7 @@ def variables(config, which, state):
   if got != expected:
     differ = sorted(set(got.items()) ^ set(expected.items()))
     raise ValueError(f"{which}: the table's tree differs from maskgit_jax's: {differ[:6]}")
-  return msgpack_io.unflatten(flat)
+  return conversion.unflatten(flat)
 
 
 def _nchw(x):
@@ -104,7 +104,7 @@ class SeedJaxCase:
   def encode(self, images):
     """The seed's encode on [-1, 1] NCHW images -> its latents, codes and codebook distances."""
     (quantized, emb_loss, indices), state = self._apply("tokenizer", "encode", _nhwc(images), capture=True)
-    flat = flatten_intermediates(state)
+    flat = flatten_flax(state)
     z = flat["quant_conv"]
     distances = self._apply("tokenizer", _distances, np.asarray(z).reshape(-1, z.shape[-1]))
     b, h, w, _ = quantized.shape
@@ -129,5 +129,5 @@ class SeedJaxCase:
 
   def intermediates(self, ids):
     _, state = self._apply("transformer", None, ids, capture=True)
-    flat = flatten_intermediates(state)
+    flat = flatten_flax(state)
     return {key: np.asarray(flat[path]) for key, _, path in seed_checks.INTERMEDIATES if path in flat}

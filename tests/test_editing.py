@@ -83,7 +83,7 @@ def test_tokens_outside_the_mask_never_change_in_either_backend(config, options)
   mask = editing.latent_mask_from_bbox(config, 8, 8, 12, 12)
   ids = editing.edit_input_tokens(codes, mask, [3, 5], config)
   sampler = dataclasses.replace(config.sampler, **options)
-  start = sampler.edit_start_iter
+  start = sampler.edit_start
   n = sampler.num_iter - start
   draws = (rng.gumbel(size=(n, 2, config.seq_len, k)).astype(np.float32),
            rng.gumbel(size=(n, 2, config.seq_len)).astype(np.float32))

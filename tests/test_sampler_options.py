@@ -12,7 +12,7 @@ import torch
 
 import configs
 import conversion
-from maskgit_common import halton
+from maskgit_common import halton, schedules
 from maskgit_jax import checkpoint as jax_checkpoint
 from maskgit_jax import sampler as jax_sampler
 from maskgit_jax.transformer import Transformer as JaxTransformer
@@ -35,6 +35,7 @@ OPTIONS = {
     "randomize_none": dict(randomize="none"),
     "tokens_per_step": dict(tokens_per_step=(1, 2, 4, 8, 12, 16, 12, 9)),
     "halton": dict(order="halton"),
+    "top_k": dict(top_k=3),
 }
 
 
@@ -160,3 +161,36 @@ def test_bad_option_values_are_clear_errors():
   with pytest.raises(ValueError, match="sums to 8, the image has 64 tokens"):
     torch_sampler.decode_with_config(torch.full((1, 65), -1), lambda ids: torch.zeros(1, 65, 64),
                                      torch_sampler.GeneratorNoise(torch.Generator()), sampler)
+
+
+def test_official_top_k_draws_among_the_k_highest_logits(models):
+  config, apply, torch_fn = models
+  ids, draws = _inputs(config)
+  _, out = _run_both(models, dataclasses.replace(config.sampler, top_k=3), ids, draws)
+  for t in range(config.sampler.num_iter):
+    with torch.inference_mode():
+      logits = torch_fn(out.step_input_ids[t]).numpy()[:, 1:]
+    top3 = np.argsort(-logits, axis=-1, kind="stable")[..., :3]
+    pred = out.image(out.step_predictions).numpy()[t]
+    assert (pred[..., None] == top3).any(-1).all(), t
+
+
+def test_tokens_per_step_gives_exactly_the_requested_counts_for_every_grid_size():
+  """Exact integers: the float32 ratio floored after the product missed e.g. 97 of the 575 counts at L = 576."""
+  for num_tokens in range(1, 4097):
+    steps = min(8, num_tokens)
+    counts = [(i + 1) * num_tokens // steps - i * num_tokens // steps for i in range(steps)]
+    for pattern in (counts, [1] * (steps - 1) + [num_tokens - steps + 1]):
+      table = schedules.mask_len_table(steps, num_tokens + 1, tokens_per_step=pattern)
+      np.testing.assert_array_equal(table[:, num_tokens], num_tokens - np.cumsum(pattern), err_msg=str(num_tokens))
+  one_per_step = schedules.mask_len_table(576, 577, tokens_per_step=[1] * 576)
+  np.testing.assert_array_equal(one_per_step[:, 576], 576 - np.arange(1, 577))
+
+
+def test_one_or_two_steps_need_no_edit_start_override():
+  for steps, edit_start in ((1, 0), (2, 1), (3, 2), (12, 2)):
+    config = configs.tiny().with_overrides([f"sampler.num_iter={steps}"])
+    assert config.sampler.edit_start_iter is None and config.sampler.edit_start == edit_start
+  assert configs.tiny().with_overrides(["sampler.decoder=halton"]).sampler.edit_start == 0
+  with pytest.raises(configs.ConfigError, match=r"sampler.edit_start_iter: must be <= 1"):
+    configs.tiny().with_overrides(["sampler.num_iter=2", "sampler.edit_start_iter=2"])
