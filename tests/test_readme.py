@@ -85,9 +85,12 @@ def test_readme_sample_and_edit_commands_run_as_written(tmp_path):
   for argv in commands:
     out = _run(argv, tmp_path)
     assert "wrote" in out, argv
-  for name in ("samples.png", "grid.png", "steps.png", "edited.png", "wider.png"):
+  for name in ("samples.png", "grid.png", "steps.png"):  # labelled grids of 32 px tiles
     with Image.open(tmp_path / name) as picture:
       assert picture.size[0] > 32 and picture.size[1] > 32, name
+  for name in ("edited.png", "wider.png"):  # `edit --out` is the edited image alone, at the model's size
+    with Image.open(tmp_path / name) as picture:
+      assert picture.size == (32, 32), name
 
 
 @pytest.mark.slow
