@@ -133,6 +133,8 @@ def edit(model, inputs: editing.EditInputs, label: int, *, steps: int | None = N
     images.save_grid(np.stack(panels), grid, labels=["input", "mask", "regenerated", "edited"],
                      scale=grid_scale(config))
     log(f"wrote {grid}: input | mask (red = regenerated) | regenerated | edited")
-  if save_steps and decoded is not None:
+  if save_steps and decoded is None:
+    log(f"nothing was decoded (the mask marks no token): no decoding steps written to {save_steps}")
+  elif save_steps:
     save_decoding_steps(model, decoded, save_steps, [name], log)
   return edited[0]
