@@ -224,11 +224,12 @@ def load_pipeline(backend: str | None = None, precision: str | None = None, torc
 
 def cmd_sample() -> None:
   from maskgit_common import generate, images
-  images.check_output_paths({"out": FLAGS.out or "samples.png", "save_steps": FLAGS.save_steps})
+  out = FLAGS.out or "samples.png"
+  images.check_output_paths({"out": out, "save_steps": FLAGS.save_steps})
   model = load_pipeline()
   labels = generate.parse_classes(FLAGS.classes, model.config.num_class)
-  generate.sample(model, labels, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out or "samples.png",
-                  save_steps=FLAGS.save_steps, backend=model_backend())
+  generate.sample(model, labels, steps=FLAGS.steps, seed=FLAGS.seed, out=out, save_steps=FLAGS.save_steps,
+                  backend=model_backend())
 
 
 def cmd_edit() -> None:

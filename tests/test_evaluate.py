@@ -109,6 +109,35 @@ def test_resume_refuses_other_settings(tmp_path):
     evaluation.evaluate(CountingGenerator(), _cheap_extractor(), settings={"backend": "jax", "steps": 8}, **args)
 
 
+def test_shards_are_keyed_on_their_plan_not_on_the_folder(tmp_path):
+  """Issue 14, finding 2: a shard is reused only under the plan that made it (manifest and shard agree)."""
+  out = str(tmp_path / "out")
+  plan = dict(seed=0, settings={"weights_sha256": "a" * 64, "steps": 4}, log=_quiet)
+  shards.generate_samples(CountingGenerator(), out, 4, 2, 4, **plan)
+  made = np.load(shards.shard_path(out, 0))
+  assert str(made["plan_sha256"]) == shards.plan_sha256(json.load(open(os.path.join(out, "manifest.json")))["plan"])
+  with pytest.raises(EvalError, match="weights_sha256: 'aaaa.* there, 'bbbb.* now.*nothing was changed"):
+    shards.generate_samples(CountingGenerator(), out, 4, 2, 4, seed=0,
+                            settings={"weights_sha256": "b" * 64, "steps": 4}, log=_quiet)
+  # Without its manifest, nobody can tell what made a shard: refused, not reused.
+  os.remove(os.path.join(out, "manifest.json"))
+  with pytest.raises(EvalError, match="manifest.json is missing"):
+    shards.generate_samples(CountingGenerator(), out, 4, 2, 4, **plan)
+  # A shard of another plan under this manifest (copied in): refused, not mixed.
+  other = str(tmp_path / "other")
+  shards.generate_samples(CountingGenerator(), other, 4, 2, 4, seed=0, settings={"steps": 5}, log=_quiet)
+  os.makedirs(os.path.join(str(tmp_path / "fresh"), "samples"))
+  fresh = str(tmp_path / "fresh")
+  shards.check_plan(fresh, {"format": shards.MANIFEST_FORMAT, "seed": 0, "batch_size": 4, "num_classes": 2,
+                            "steps": 4})
+  with open(shards.shard_path(other, 0), "rb") as src, open(shards.shard_path(fresh, 0), "wb") as dst:
+    dst.write(src.read())
+  generator = CountingGenerator()
+  with pytest.raises(EvalError, match="made with other settings"):
+    shards.generate_samples(generator, fresh, 4, 2, 4, seed=0, settings={"steps": 4}, log=_quiet)
+  assert generator.calls == []
+
+
 def test_samples_are_class_balanced_uint8_and_exportable(tmp_path):
   out = str(tmp_path / "out")
   generator = CountingGenerator()
