@@ -257,8 +257,13 @@ def cmd_eval() -> None:
   report.check_request(None if FLAGS.samples else FLAGS.num_samples, FLAGS.batch_size, prefix="--")
   references.check_reference_path(FLAGS.ref)
   report.check_out_dir(out, "--out")
-  if FLAGS.samples and not os.path.exists(FLAGS.samples):
-    raise UsageError(f"--samples {FLAGS.samples}: no such file or folder")
+  if FLAGS.samples:
+    if not os.path.exists(FLAGS.samples):
+      raise UsageError(f"--samples {FLAGS.samples}: no such file or folder")
+    unused = [f"--{n}" for n in ("checkpoint", "steps", "seed", "num_samples", "torch_compile", "set")
+              if FLAGS[n].present]
+    if unused:
+      raise UsageError(f"eval --samples scores the given images; it does not use {', '.join(unused)}")
   require_backend("torch")  # the Inception feature extractor is a torch module, whichever backend samples
   from evaluation import inception
   extractor = inception.build_extractor(FLAGS.inception_weights, device=FLAGS.device, batch_size=FLAGS.batch_size)

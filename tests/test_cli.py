@@ -115,6 +115,12 @@ def test_a_flag_of_another_subcommand_is_refused_naming_its_owner(capsys, argv, 
   assert owner in err
 
 
+def test_eval_of_a_folder_refuses_the_flags_of_sampling(capsys, checkpoint, picture, tmp_path):
+  folder = os.path.dirname(picture)
+  refused(capsys, "eval", "--samples", folder, "--ref", folder, "--checkpoint", checkpoint, "--steps", "3",
+          "--out", str(tmp_path / "e"), match="does not use --checkpoint, --steps")
+
+
 def test_every_flag_of_run_py_says_which_subcommands_use_it():
   defined = {f.name for f in run.FLAGS.flags_by_module_dict()[run.__name__]}
   aliases = {name for name in defined if "-" in name}
@@ -379,6 +385,7 @@ def test_eval_into_the_same_out_after_the_weights_changed_is_refused(capsys, tmp
   rc, _, err = cli(capsys, *argv)
   assert rc == 0, err
   first = evaluation.sampler.weights_sha256(ckpt)
+  shutil.copytree(ckpt, tmp_path / "first_export")  # copy2: the bytes and the mtimes
   shard = open(tmp_path / "ev" / "samples" / "shard_00000.npz", "rb").read()
   # `train` rewrites <workdir>/export in place: same path, new weights (and a new manifest).
   _save(ckpt, config, seed=1, overwrite=True)
@@ -386,9 +393,11 @@ def test_eval_into_the_same_out_after_the_weights_changed_is_refused(capsys, tmp
   err = refused(capsys, *argv, match="weights_sha256")
   assert "refusing to mix" in err and first in err
   assert open(tmp_path / "ev" / "samples" / "shard_00000.npz", "rb").read() == shard  # nothing was changed
+  # The first weights back at that path: resumes.
+  shutil.rmtree(ckpt)
+  shutil.copytree(tmp_path / "first_export", ckpt)
+  assert cli(capsys, *argv)[0] == 0
   # Weights copied over by hand, the manifest left stale: the files are hashed, not the manifest trusted.
-  _save(ckpt, config, seed=0, overwrite=True)
-  assert cli(capsys, *argv)[0] == 0  # the first weights again: resumes
   weights = safetensors.numpy.load_file(os.path.join(ckpt, "transformer.safetensors"))
   name = sorted(weights)[0]
   weights[name] = weights[name] + 1.0  # same shapes, same file size
