@@ -314,7 +314,7 @@ def train_device(backend: str) -> dict:
   """--device for the trainers: the torch ones take it; the JAX ones run on every local device of JAX's default
   backend, so a named device is refused rather than ignored."""
   if backend == "torch":
-    return {"device": FLAGS.device}
+    return {"device": resolve_device("torch")}  # a torch.device: the tokenizer trainer does not take "auto"
   if FLAGS.device != "auto":
     raise UsageError(f"train --backend jax --device {FLAGS.device}: the JAX trainer runs data parallel on every "
                      "local device of JAX's default backend; leave --device at auto (JAX_PLATFORMS=cpu forces the "
