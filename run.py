@@ -1,14 +1,16 @@
-"""MaskGIT in JAX and PyTorch: one entry point.
+"""MaskGIT in JAX and PyTorch: one entry point. Flags are parsed here; each subcommand is one library call.
 
   python run.py sample   [--backend torch|jax] [--checkpoint DIR] [--classes 1,2,3] [--steps 8] [--seed 0] [--out F]
-  python run.py edit     --image in.png (--mask m.png | --box top,left,height,width) [--class N] [--out out.png]
+  python run.py edit     --image in.png (--mask m.png | --box top,left,height,width | --extend t,b,l,r) --class N
+                         [--out edited.png] [--grid panels.png]
   python run.py train    --backend torch|jax --config PRESET_OR_JSON --workdir DIR [--set train.lr=3e-4 ...]
   python run.py convert  --src PATH --dst DIR --to torch|jax [--config JSON]
   python run.py parity   --golden DIR --backend jax|torch|both --report FILE.json
   python run.py eval     [--checkpoint DIR] --ref STATS_OR_FOLDER [--num_samples N] [--inception_weights F] --out DIR
 
-Every subcommand takes `--backend`; `--set section.field=value` overrides any config field (configs/schema.py).
-Precision flags are set here, never inside model code (`--precision parity|fast`).
+`--set section.field=value` overrides any config field (configs/schema.py). Precision flags are set here, never
+inside model code (`--precision parity|fast`). A flag the subcommand does not use is refused, naming the
+subcommands it belongs to (`USED_BY`). Any user error (maskgit_common.errors.UserError) is printed as one line.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ flags.DEFINE_enum("precision", "parity", ["parity", "fast"],
 flags.DEFINE_bool("torch_compile", False, "sample/edit/eval --backend torch: torch.compile the transformer, the "
                   "sampler step and the tokenizer decoder (seconds of compilation per batch shape; worth it for "
                   "many batches). JAX always compiles its decode with jit.")
-flags.DEFINE_string("device", "auto", "torch device (cpu, cuda, cuda:1) or 'auto'; JAX uses its default backend.")
+flags.DEFINE_string("device", "auto", "cpu, cuda (gpu), cuda:N, tpu (JAX) or auto; a device this machine lacks is "
+                    "an error, never a silent fall back to the CPU.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (config.json + weights). Default: the demo model.")
 flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, tiny) or a config.json path.")
 flags.DEFINE_multi_string("set", [], "Config override section.field=value; repeatable.")
@@ -43,7 +46,10 @@ flags.DEFINE_enum("decoder", None, ["official", "seed", "halton"], "sample/edit/
                   "checkpoint's takes its published settings (configs/samplers.py), --set sampler.* on top.")
 flags.DEFINE_integer("top_k", None, "sample/edit/eval: draw each token among the k most likely (0 = all).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("out", None, "Output PNG (sample/edit).")
+flags.DEFINE_string("out", None, "sample: the grid picture (default samples.png); edit: the edited image alone "
+                    "(default edited.png); eval: the output folder (default eval). The suffix names the format "
+                    "(.png, .jpg, ...).")
+flags.DEFINE_string("grid", None, "edit: also write the four panels input | mask | regenerated | edited here.")
 flags.DEFINE_string("workdir", None, "Training directory (checkpoints, logs); an existing run resumes.")
 flags.DEFINE_enum("stage", "transformer", ["tokenizer", "transformer", "all"],
                   "train: which model to train. tokenizer exports <workdir>/tokenizer, which the transformer stage "
@@ -69,7 +75,7 @@ flags.DEFINE_string("dst", None, "convert: destination directory (must not exist
 flags.DEFINE_enum("to", None, ["torch", "jax"], "convert: target backend layout.")
 flags.DEFINE_bool("overwrite", False, "convert: replace an existing destination.")
 flags.DEFINE_string("golden", None, "parity: a fixture directory (one case or a folder of cases).")
-flags.DEFINE_string("report", None, "parity: where to write the JSON report.")
+flags.DEFINE_string("report", None, "parity: where to write the JSON report (checked writable before the run).")
 flags.DEFINE_string("image", None, "edit: input image.")
 flags.DEFINE_string("mask", None, "edit: PNG mask, white = regenerate.")
 flags.DEFINE_string("box", None, "edit: top,left,height,width in pixels of the region to regenerate.")
@@ -90,12 +96,69 @@ for _name in ("num_samples", "inception_weights", "batch_size"):  # dashed spell
   flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
+
+# Which subcommands use each flag. A flag given on the command line to a subcommand that does not use it is
+# refused (it would be silently ignored), naming the subcommands it belongs to. Aliases count as their target.
+MODEL_COMMANDS = ("sample", "edit", "eval")
+USED_BY = {
+    "backend": ("sample", "edit", "eval", "train", "parity"),
+    "precision": ("sample", "edit", "eval", "parity"),
+    "torch_compile": MODEL_COMMANDS,
+    "device": ("sample", "edit", "eval", "train", "parity"),
+    "checkpoint": MODEL_COMMANDS,
+    "config": ("train", "convert"),
+    "set": ("sample", "edit", "eval", "train", "convert"),
+    "classes": ("sample",),
+    "steps": MODEL_COMMANDS,
+    "seed": MODEL_COMMANDS,
+    "out": MODEL_COMMANDS,
+    "grid": ("edit",),
+    "workdir": ("train",),
+    "stage": ("train",),
+    "multihost": ("train",),
+    "coordinator_address": ("train",),
+    "num_processes": ("train",),
+    "process_id": ("train",),
+    "allow_config_change": ("train",),
+    "ignore_corrupt_checkpoints": ("train",),
+    "decoder": MODEL_COMMANDS,
+    "top_k": MODEL_COMMANDS,
+    "tokenizer": ("train",),
+    "src": ("convert",),
+    "dst": ("convert",),
+    "to": ("convert",),
+    "overwrite": ("convert",),
+    "golden": ("parity",),
+    "report": ("parity",),
+    "image": ("edit",),
+    "mask": ("edit",),
+    "box": ("edit",),
+    "class": ("edit",),
+    "extend": ("edit",),
+    "save_steps": ("sample", "edit"),
+    "num_samples": ("eval",),
+    "ref": ("eval",),
+    "samples": ("eval",),
+    "inception_weights": ("eval",),
+    "batch_size": ("eval",),
+}
+HINTS = {("precision", "train"): "train takes its precision from the config: --set train.precision=fast"}
+
+
 class UsageError(UserError):
   """A wrong flag or path; printed without a traceback."""
 
 
+def check_flags(command: str) -> None:
+  """Refuses every flag given on the command line that `command` does not use (module comment above USED_BY)."""
+  for name, commands in USED_BY.items():
+    if command not in commands and FLAGS[name].present:
+      hint = HINTS.get((name, command), f"it is a flag of {', '.join(commands)}; remove it")
+      raise UsageError(f"{command} does not use --{name} ({hint})")
+
+
 def set_precision(backend: str, precision: str) -> None:
-  """Parity mode (DESIGN §2): float32 with the highest matmul precision and TF32 off."""
+  """Parity mode (docs/ARCHITECTURE.md, "Numerics"): float32 with the highest matmul precision and TF32 off."""
   if backend == "jax":
     import jax
     jax.config.update("jax_default_matmul_precision", "highest" if precision == "parity" else "default")
@@ -125,75 +188,133 @@ def require_backend(backend: str) -> None:
                      f"pip install -e \".[{extra}\"") from None
 
 
-def parse_classes(text: str | None, num_class: int) -> list[int]:
-  if not text:
-    return list(range(min(num_class, 10)))
-  try:
-    labels = [int(c) for c in text.split(",") if c.strip()]
-  except ValueError:
-    raise UsageError(f"--classes must be comma-separated integers, got {text!r}") from None
-  bad = [c for c in labels if not 0 <= c < num_class]
-  if bad or not labels:
-    raise UsageError(f"--classes {text!r}: labels must lie in [0, {num_class}) for this model")
-  return labels
+def resolve_device(backend: str):
+  """--device through the backend's one device helper: DeviceError (one line) for a device this machine lacks."""
+  require_backend(backend)
+  if backend == "torch":
+    from maskgit_torch import device
+  else:
+    from maskgit_jax import device
+  return device.resolve(FLAGS.device)
 
 
-def out_path(default: str, flag: str = "out") -> str:
-  """--out (or --save_steps): a regular file to create or replace, in an existing or creatable directory."""
-  path = getattr(FLAGS, flag) or default
-  if os.path.exists(path) and not os.path.isfile(path):
-    raise UsageError(f"--{flag} {path}: exists and is not a regular file; give a .png path")
-  return path
+def check_devices(command: str) -> None:
+  """Before any slow work: --device must exist for every backend the subcommand runs."""
+  if command in ("sample", "edit", "eval", "train"):
+    backends = {model_backend()} | ({"torch"} if command == "eval" else set())  # eval's extractor is torch
+  elif command == "parity":
+    backends = {"jax", "torch"} if (FLAGS.backend or "both") == "both" else {FLAGS.backend}
+  else:
+    return
+  for backend in sorted(backends):
+    resolve_device(backend)
 
 
 def checkpoint_path() -> str:
   path = FLAGS.checkpoint or DEMO_CHECKPOINT
-  if not os.path.isdir(path):
+  if not os.path.exists(path):
     hint = "" if FLAGS.checkpoint else " (the embedded demo model is missing from this checkout)"
     raise UsageError(f"--checkpoint {path}: no such directory{hint}")
   return path
 
 
-def load_pipeline():
-  """The backend's MaskGIT pipeline from --checkpoint, with --set overrides applied to its config."""
-  backend = model_backend()
-  if FLAGS.torch_compile and backend != "torch":
+def load_pipeline(backend: str | None = None, precision: str | None = None, torch_compile: bool | None = None):
+  """A MaskGIT pipeline of `backend` (default --backend) from --checkpoint, --set overrides applied."""
+  backend = backend or model_backend()
+  precision = precision or FLAGS.precision
+  torch_compile = FLAGS.torch_compile if torch_compile is None else torch_compile
+  if torch_compile and backend != "torch":
     raise UsageError("--torch_compile is for --backend torch (the JAX decode is always one jitted program)")
   require_backend(backend)
-  set_precision(backend, FLAGS.precision)
+  set_precision(backend, precision)
   if backend == "torch":
     from maskgit_torch import pipeline
+    extra = {"torch_compile": torch_compile}
   else:
     from maskgit_jax import pipeline
-  if backend == "jax":
-    model = pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
-                                             precision=FLAGS.precision)
-  else:
-    model = pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device,
-                                             precision=FLAGS.precision, torch_compile=FLAGS.torch_compile)
+    extra = {}
+  path = checkpoint_path()
+  # A checkpoint without a transformer is refused by from_checkpoint with a CheckpointError naming it.
+  model = pipeline.MaskGIT.from_checkpoint(path, overrides=FLAGS.set, device=FLAGS.device, precision=precision,
+                                           **extra)
   from configs import samplers
   model.config = samplers.with_decoder(model.config, FLAGS.decoder, FLAGS.top_k, FLAGS.set)
   return model
 
 
 def cmd_sample() -> None:
+  from maskgit_common import generate, images
+  out = FLAGS.out or "samples.png"
+  images.check_output_paths({"out": out, "save_steps": FLAGS.save_steps})
   model = load_pipeline()
-  config = model.config
-  labels = parse_classes(FLAGS.classes, config.num_class)
-  steps = FLAGS.steps or config.sampler.num_iter
-  if steps < 1:
-    raise UsageError(f"--steps must be >= 1, got {steps}")
-  out = out_path("samples.png")
-  if FLAGS.save_steps:
-    out_path("", "save_steps")
-  images, _, decoded = model.generate(labels, seed=FLAGS.seed, num_iter=steps, return_output=True)
-  from maskgit_common.images import save_grid
-  names = model.class_names(labels)
-  save_grid(images, out, labels=names, scale=grid_scale(config))
-  print(f"wrote {out}: {len(labels)} samples, classes {labels}, {steps} steps, backend {model_backend()}, "
-        f"seed {FLAGS.seed}")
-  if FLAGS.save_steps:
-    save_decoding_steps(model, decoded, FLAGS.save_steps, names)
+  labels = generate.parse_classes(FLAGS.classes, model.config.num_class)
+  generate.sample(model, labels, steps=FLAGS.steps, seed=FLAGS.seed, out=out, save_steps=FLAGS.save_steps,
+                  backend=model_backend())
+
+
+def cmd_edit() -> None:
+  from maskgit_common import editing, generate, images
+  out = FLAGS.out or "edited.png"
+  images.check_output_paths({"out": out, "grid": FLAGS.grid, "save_steps": FLAGS.save_steps},
+                            {"image": FLAGS.image, "mask": FLAGS.mask})
+  if FLAGS["class"].value is None:
+    raise UsageError("edit needs --class N (the class of the regenerated region)")
+  model = load_pipeline()
+  inputs = editing.edit_inputs(model.config, FLAGS.image, mask=FLAGS.mask, box=FLAGS.box, extend=FLAGS.extend)
+  if inputs.note:
+    print(inputs.note)
+  generate.edit(model, inputs, FLAGS["class"].value, steps=FLAGS.steps, seed=FLAGS.seed, out=out, grid=FLAGS.grid,
+                save_steps=FLAGS.save_steps, image_path=FLAGS.image, backend=model_backend())
+
+
+def cmd_eval() -> None:
+  import evaluation
+  from evaluation import references, report
+  if not FLAGS.ref:
+    raise UsageError("eval needs --ref: a folder or .npz of reference images, or reference statistics")
+  out = FLAGS.out or "eval"
+  # Every cheap check before the slow work (the extractor, the model, the reference features).
+  report.check_request(None if FLAGS.samples else FLAGS.num_samples, FLAGS.batch_size, prefix="--")
+  references.check_reference_path(FLAGS.ref)
+  report.check_out_dir(out, "--out")
+  if FLAGS.samples:
+    if not os.path.exists(FLAGS.samples):
+      raise UsageError(f"--samples {FLAGS.samples}: no such file or folder")
+    unused = [f"--{n}" for n in ("checkpoint", "steps", "seed", "num_samples", "torch_compile", "set")
+              if FLAGS[n].present]
+    if unused:
+      raise UsageError(f"eval --samples scores the given images; it does not use {', '.join(unused)}")
+  require_backend("torch")  # the Inception feature extractor is a torch module, whichever backend samples
+  from evaluation import inception
+  extractor = inception.build_extractor(FLAGS.inception_weights, device=FLAGS.device, batch_size=FLAGS.batch_size)
+  if FLAGS.samples:
+    evaluation.evaluate_folder(FLAGS.samples, extractor, out, FLAGS.ref, batch_size=FLAGS.batch_size)
+    return
+  model = load_pipeline()
+  # Images are decoded by one float32 eager torch pipeline for every backend (evaluation/sampler.py).
+  exact_torch = model_backend() == "torch" and FLAGS.precision == "parity" and not FLAGS.torch_compile
+  decoder = model if exact_torch else load_pipeline("torch", "parity", torch_compile=False)
+  evaluation.evaluate_pipeline(model, decoder, checkpoint_path(), extractor, FLAGS.ref, out,
+                               backend=model_backend(), num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
+                               seed=FLAGS.seed, steps=FLAGS.steps, precision=FLAGS.precision,
+                               torch_compile=FLAGS.torch_compile)
+
+
+def cmd_parity() -> int:
+  if not FLAGS.golden:
+    raise UsageError("parity needs --golden DIR (a fixture case or a folder of cases)")
+  from maskgit_common import fileio
+  from parity_tests import runner
+  if FLAGS.device not in runner.DEVICES:
+    raise UsageError(f"parity --device {FLAGS.device}: use one of {', '.join(runner.DEVICES)}")
+  if FLAGS.precision not in runner.PRECISIONS:
+    raise UsageError(f"parity --precision {FLAGS.precision}: the parity tolerances are defined for "
+                     f"{', '.join(runner.PRECISIONS)} only")
+  if FLAGS.report:
+    fileio.check_writable(FLAGS.report, "--report")
+  report = runner.run_parity(FLAGS.golden, FLAGS.backend or "both", report_path=FLAGS.report, device=FLAGS.device,
+                             precision=FLAGS.precision)
+  return 0 if report["passed"] else 1
 
 
 def cmd_convert() -> None:
@@ -209,14 +330,16 @@ def cmd_convert() -> None:
   print(out.summary(FLAGS.to))
 
 
-def cmd_parity() -> int:
-  if not FLAGS.golden:
-    raise UsageError("parity needs --golden DIR (a fixture case or a folder of cases)")
-  from parity_tests import runner
-  backend = FLAGS.backend or "both"
-  report = runner.run_parity(FLAGS.golden, backend, report_path=FLAGS.report, device=FLAGS.device,
-                             precision=FLAGS.precision)
-  return 0 if report["passed"] else 1
+def train_device(backend: str) -> dict:
+  """--device for the trainers: the torch ones take it; the JAX ones run on every local device of JAX's default
+  backend, so a named device is refused rather than ignored."""
+  if backend == "torch":
+    return {"device": resolve_device("torch")}  # a torch.device: the tokenizer trainer does not take "auto"
+  if FLAGS.device != "auto":
+    raise UsageError(f"train --backend jax --device {FLAGS.device}: the JAX trainer runs data parallel on every "
+                     "local device of JAX's default backend; leave --device at auto (JAX_PLATFORMS=cpu forces the "
+                     "CPU)")
+  return {}
 
 
 def multihost_settings(backend: str):
@@ -269,175 +392,11 @@ def cmd_train() -> None:
   policy = {"allow_config_change": FLAGS.allow_config_change,
             "ignore_corrupt_checkpoints": FLAGS.ignore_corrupt_checkpoints}
   if FLAGS.stage in ("tokenizer", "all"):
-    summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir, **policy)
+    summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir, **policy, **train_device(backend))
     print(f"tokenizer: {summary['step']} steps, exported to {summary['export_dir']}")
   if FLAGS.stage in ("transformer", "all"):
-    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **policy)
+    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **policy, **train_device(backend))
     print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
-
-
-def grid_scale(config) -> int:
-  return max(1, 96 // config.image_size)
-
-
-def save_decoding_steps(model, decoded, path: str, names) -> None:
-  """One row per sample, one column per executed step: the step's predictions (every position decoded), with the
-  positions masked again for the next step greyed out, as the official demo shows the process; the last column is
-  the final image."""
-  import numpy as np
-  from maskgit_common.images import save_grid
-  config = model.config
-  side, f = config.latent_size, config.downsample_factor
-  sampled = np.asarray(decoded.step_sampled_ids)[:, :, 1:]  # (n, B, L)
-  masking = np.asarray(decoded.step_masking)[:, :, 1:].copy()
-  masking[-1] = False  # the last step's samples are the output (the official loop still re-masks one, unused)
-  n, b, _ = sampled.shape
-  frames = model.decode_tokens(sampled.reshape(n * b, side, side)).reshape(n, b, config.image_size,
-                                                                          config.image_size, 3)
-  grey = np.kron(masking.reshape(n, b, side, side), np.ones((f, f)))[..., None] > 0
-  frames = np.where(grey, 0.5, np.clip(frames, 0, 1))
-  start = np.asarray(decoded.final_seqs).shape[1] - n  # edits start at sampler.edit_start_iter
-  labels = [f"{names[i]} t={start + t + 1}" for i in range(b) for t in range(n)]
-  save_grid(frames.transpose(1, 0, 2, 3, 4).reshape(b * n, *frames.shape[2:]), path, labels=labels, ncol=n,
-            scale=grid_scale(config))
-  print(f"wrote {path}: {n} decoding steps per sample (grey = masked again for the next step)")
-
-
-def _ints(text: str, count: int, flag: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",")]
-  except ValueError:
-    values = []
-  if len(values) != count or any(v < 0 for v in values):
-    raise UsageError(f"--{flag} needs {count} comma-separated non-negative integers, got {text!r}")
-  return values
-
-
-def edit_inputs(config):
-  """(image (H, H, 3), latent mask (h, h), description) from --image and --mask / --box / --extend."""
-  import numpy as np
-  from PIL import Image
-  from maskgit_common import editing
-  from maskgit_common.images import load_image
-  if not FLAGS.image:
-    raise UsageError("edit needs --image (a PNG/JPEG to edit)")
-  if not os.path.isfile(FLAGS.image):
-    raise UsageError(f"--image {FLAGS.image}: no such file")
-  chosen = [name for name in ("mask", "box", "extend") if getattr(FLAGS, name)]
-  if len(chosen) != 1:
-    raise UsageError("edit needs exactly one of --mask m.png (white = regenerate), --box top,left,height,width "
-                     f"(pixels of the resized image) or --extend top,bottom,left,right (outpainting); got {chosen}")
-  size = config.image_size
-  try:
-    original = load_image(FLAGS.image)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  note = ""
-  if FLAGS.extend:
-    top, bottom, left, right = _ints(FLAGS.extend, 4, "extend")
-    canvas, pixel_mask = editing.outpaint_canvas(original, top=top, bottom=bottom, left=left, right=right)
-    image = np.asarray(Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((size, size),
-                                                                                      Image.BICUBIC)) / 255.0
-    latent_mask = editing.latent_mask_from_pixels(pixel_mask, config)
-    note = f"outpainting: canvas {canvas.shape[1]}x{canvas.shape[0]} resized to {size}x{size}"
-  else:
-    image = load_image(FLAGS.image, size)
-    if original.shape[:2] != (size, size):
-      note = f"resized {original.shape[1]}x{original.shape[0]} -> {size}x{size} (the model's image size)"
-    if FLAGS.mask:
-      try:
-        latent_mask = editing.latent_mask_from_png(FLAGS.mask, config)
-      except (OSError, ValueError) as e:
-        raise UsageError(f"--mask {FLAGS.mask}: {e}") from None
-    else:
-      top, left, height, width = _ints(FLAGS.box, 4, "box")
-      if top + height > size or left + width > size or not height or not width:
-        raise UsageError(f"--box {FLAGS.box} must lie inside the {size}x{size} image and be non-empty")
-      latent_mask = editing.latent_mask_from_bbox(config, top, left, height, width)
-  return np.asarray(image, np.float32), latent_mask, note
-
-
-def cmd_edit() -> None:
-  import numpy as np
-  from maskgit_common import editing
-  from maskgit_common.images import save_grid
-  model = load_pipeline()
-  config = model.config
-  if FLAGS["class"].value is None:
-    raise UsageError(f"edit needs --class N (the class of the regenerated region, in [0, {config.num_class}))")
-  label = parse_classes(str(FLAGS["class"].value), config.num_class)
-  image, latent_mask, note = edit_inputs(config)
-  if note:
-    print(note)
-  mode = editing.edit_mode(latent_mask)
-  out = out_path("edited.png")
-  if FLAGS.save_steps:
-    out_path("", "save_steps")
-  decoded = None
-  if mode == "none":
-    print("the mask marks no token: nothing to regenerate, the output is the input")
-    edited = blended = image[None]
-  elif mode == "generate":
-    print("the mask marks every token: plain class-conditional generation")
-    edited, _, decoded = model.generate(label, seed=FLAGS.seed, num_iter=FLAGS.steps, return_output=True)
-    blended = edited
-  else:
-    edited, _, decoded = model.edit(image[None], latent_mask, label, seed=FLAGS.seed, num_iter=FLAGS.steps,
-                                    return_output=True)
-    blended = editing.composite(image[None], edited, latent_mask, config)
-  f = config.downsample_factor
-  mask_picture = np.repeat(np.kron(latent_mask, np.ones((f, f)))[None, ..., None], 3, axis=-1)
-  save_grid(np.concatenate([image[None], mask_picture, np.clip(edited, 0, 1), np.clip(blended, 0, 1)]), out,
-            labels=["input", "mask", "regenerated", "blended"], scale=grid_scale(config))
-  print(f"wrote {out}: input | mask ({int(latent_mask.sum())}/{latent_mask.size} tokens) | regenerated | blended, "
-        f"class {label[0]} ({model.class_names(label)[0]}), backend {model_backend()}")
-  if FLAGS.save_steps and decoded is not None:
-    save_decoding_steps(model, decoded, FLAGS.save_steps, model.class_names(label))
-
-
-def eval_generate_fn(model, decoder, steps: int, noise_for=None):
-  """generate_fn for maskgit_common.evaluate: tokens from `model` (either backend), images decoded from them by
-  `decoder`, the torch pipeline, in float32.
-
-  One decoder for both backends: the two tokenizers agree to ~5e-6, which still flips a few uint8 pixels in 1e5,
-  so identical tokens would give slightly different Inception features. Decoding every backend's tokens with the
-  same tokenizer makes samples with identical tokens score identically. `noise_for(labels, seed)` injects the
-  draws (tests: the same recorded draws in both backends); by default each backend draws from `seed`.
-  """
-  def generate(labels, seed):
-    labels = [int(l) for l in labels]
-    noise = noise_for(labels, seed) if noise_for else None
-    _, tokens = model.generate(labels, seed=seed, num_iter=steps, noise=noise)
-    return decoder.decode_tokens(tokens), tokens
-  return generate
-
-
-def cmd_eval() -> None:
-  if not FLAGS.ref:
-    raise UsageError("eval needs --ref: a folder or .npz of reference images, or reference statistics")
-  if not os.path.exists(FLAGS.ref):
-    raise UsageError(f"--ref {FLAGS.ref}: no such file or directory")
-  out = FLAGS.out or "eval"
-  require_backend("torch")  # the Inception feature extractor is a torch module, whichever backend samples
-  from maskgit_common import evaluate
-  from maskgit_torch import inception
-  extractor = inception.build_extractor(FLAGS.inception_weights, device=FLAGS.device, batch_size=FLAGS.batch_size)
-  if FLAGS.samples:
-    evaluate.evaluate_folder(FLAGS.samples, extractor, out, FLAGS.ref, batch_size=FLAGS.batch_size)
-    return
-  model = load_pipeline()
-  steps = FLAGS.steps or model.config.sampler.num_iter
-  decoder = model
-  if model_backend() != "torch":
-    from maskgit_torch import pipeline as torch_pipeline
-    decoder = torch_pipeline.MaskGIT.from_checkpoint(checkpoint_path(), overrides=FLAGS.set, device=FLAGS.device)
-  generate = eval_generate_fn(model, decoder, steps)
-  settings = {"backend": model_backend(), "checkpoint": os.path.abspath(checkpoint_path()), "steps": steps,
-              "precision": FLAGS.precision, "overrides": list(FLAGS.set), "decoder": "torch (fp32)"}
-  if FLAGS.torch_compile:  # compiled kernels round differently: not the same samples as an eager run's
-    settings["torch_compile"] = True
-  evaluate.evaluate(generate, extractor, FLAGS.num_samples, model.config.num_class, out, FLAGS.ref,
-                    batch_size=FLAGS.batch_size, seed=FLAGS.seed, settings=settings)
 
 
 def main(argv) -> int:
@@ -453,6 +412,8 @@ def main(argv) -> int:
   command = argv[1]
   logging.set_verbosity(logging.WARNING)
   try:
+    check_flags(command)
+    check_devices(command)
     result = globals()[f"cmd_{command}"]()
   except UserError as e:  # bad input: its message names the flag, file, key or field; no traceback
     print(f"error: {e}", file=sys.stderr)

@@ -253,16 +253,24 @@ class SamplerConfig:
   halton_randomize: bool = False  # halton
   halton_points: int = 10_000  # halton, and order='halton'; 0 = until every cell is covered
 
+  # Finite is not enough: the decoder multiplies and divides float32 logits by these, and e.g. a guidance scale of
+  # 1e308 overflows to inf/NaN and decodes garbage without an error. The bounds are far beyond any useful value
+  # (official choice temperature 4.5, guidance scales of a few units, the tests' strongest 100).
+  MAX_SCALE = 1e3
+
   def validate(self, prefix: str = "sampler") -> None:
     _check_int(self.num_iter, f"{prefix}.num_iter", 1)
     _check_int(self.start_iter, f"{prefix}.start_iter", 0, self.num_iter - 1)
-    _check_float(self.choice_temperature, f"{prefix}.choice_temperature", 0.0)
+    _check_float(self.choice_temperature, f"{prefix}.choice_temperature", 0.0, self.MAX_SCALE)
     check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
     if self.edit_start_iter is not None:
       _check_int(self.edit_start_iter, f"{prefix}.edit_start_iter", 0, self.num_iter - 1)
-    _check_float(self.guidance_scale, f"{prefix}.guidance_scale", 0.0)
+    _check_float(self.guidance_scale, f"{prefix}.guidance_scale", 0.0, self.MAX_SCALE)
     _check_choice(self.guidance_schedule, f"{prefix}.guidance_schedule", ("constant", "linear"))
-    _check_float(self.softmax_temperature, f"{prefix}.softmax_temperature", 0.0, lo_open=True)
+    _check_float(self.softmax_temperature, f"{prefix}.softmax_temperature", 0.0, self.MAX_SCALE, lo_open=True)
+    _check(self.softmax_temperature >= 1.0 / self.MAX_SCALE, f"{prefix}.softmax_temperature",
+           f"must be >= {1.0 / self.MAX_SCALE} (a smaller one overflows the float32 logits), got "
+           f"{self.softmax_temperature}")
     _check_choice(self.choice_temperature_schedule, f"{prefix}.choice_temperature_schedule", ("linear", "constant"))
     _check_choice(self.randomize, f"{prefix}.randomize", ("official", "linear", "warm_up", "random", "none"))
     _check(isinstance(self.tokens_per_step, tuple), f"{prefix}.tokens_per_step", "must be a list of integers")

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -88,10 +89,11 @@ def main() -> None:
   source = os.path.join(OUT, "inpaint_input.png")
   image, _ = synthetic_image(1, 32)  # a square
   fileio.atomic_write(source, lambda f: Image.fromarray(to_uint8(image)).save(f, format="PNG"))
-  run("edit", "--checkpoint", checkpoint, "--image", source, "--box", "8,8,16,16", "--class", "0", "--seed", "3",
-      "--out", os.path.join(OUT, "inpaint.png"))
-  run("edit", "--checkpoint", checkpoint, "--image", source, "--extend", "0,0,0,16", "--class", "1", "--seed", "3",
-      "--out", os.path.join(OUT, "outpaint.png"))
+  with tempfile.TemporaryDirectory() as scratch:  # `--out` is the edited image alone; the README shows `--grid`
+    run("edit", "--checkpoint", checkpoint, "--image", source, "--box", "8,8,16,16", "--class", "0", "--seed", "3",
+        "--out", os.path.join(scratch, "inpaint.png"), "--grid", os.path.join(OUT, "inpaint.png"))
+    run("edit", "--checkpoint", checkpoint, "--image", source, "--extend", "0,0,0,16", "--class", "1", "--seed",
+        "3", "--out", os.path.join(scratch, "outpaint.png"), "--grid", os.path.join(OUT, "outpaint.png"))
   transformer = read_losses(os.path.join(DEMO, "transformer_metrics.jsonl"), "loss")
   tokenizer = read_losses(os.path.join(DEMO, "tokenizer_metrics.jsonl"), "reconstruction_loss")
   with open(os.path.join(checkpoint, "config.json")) as f:

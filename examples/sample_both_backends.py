@@ -6,7 +6,7 @@
 Each backend draws its own random numbers by default (torch.Generator, jax.random), so equal seeds do not give
 equal samples across frameworks. Here both replay the same recorded Gumbel draws (`RecordedNoise`, filled from one
 numpy generator), and then the two decoders pick identical tokens at every step. The second picture shows the
-parallel decoding: after each step, the tokens kept so far (grey = still masked).
+parallel decoding: each step's prediction, grey where a token is masked again for the next step.
 """
 
 import argparse
@@ -19,29 +19,19 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 
+from maskgit_common import generate  # pylint: disable=wrong-import-position
 from maskgit_common.images import save_grid  # pylint: disable=wrong-import-position
 from maskgit_jax import pipeline as jax_pipeline, sampler as jax_sampler  # pylint: disable=wrong-import-position
 from maskgit_torch import pipeline as torch_pipeline, sampler as torch_sampler  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GREY = 0.5
-
-
-def to_numpy(x) -> np.ndarray:
-  return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+GREY = generate.GREY
 
 
 def decoding_steps(model, output) -> np.ndarray:
-  """(B * n, H, W, 3): per sample, the tokens kept after each step (masked cells grey); the last is the result."""
-  states = to_numpy(output.step_state_after)[:, :, 1:].copy()  # (n, B, h*h), -1 = still masked, no class token
-  # The decoder re-masks at least one token even after its last step; the result is the last step's samples.
-  states[-1] = to_numpy(output.final_seqs)[:, -1, 1:]
-  n, b, _ = states.shape
-  side, f = model.config.latent_size, model.config.downsample_factor
-  states = states.transpose(1, 0, 2).reshape(b * n, side, side)  # sample-major: one grid row per sample
-  images = model.decode_tokens(np.where(states < 0, 0, states))  # any code will do where it is painted over
-  masked = np.repeat(np.repeat(states < 0, f, axis=1), f, axis=2)
-  return np.where(masked[..., None], GREY, images)
+  """(B * n, H, W, 3): per sample, each step's prediction (cells masked again grey); the last is the result."""
+  frames = generate.decoding_frames(model, output)  # (B, n, H, W, 3), as `run.py sample --save_steps` draws it
+  return frames.reshape(-1, *frames.shape[2:])
 
 
 def main(argv=None) -> dict:
@@ -55,7 +45,7 @@ def main(argv=None) -> dict:
   if not os.path.isdir(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint directory (config.json + weights)")
 
-  # Parity mode (DESIGN §2): float32 matmuls at full precision, no TF32 (matters on GPUs).
+  # Parity mode (docs/ARCHITECTURE.md, "Numerics"): float32 matmuls at full precision, no TF32 (matters on GPUs).
   jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   models = {"torch": torch_pipeline.MaskGIT.from_checkpoint(args.checkpoint),

@@ -96,3 +96,52 @@ def test_tokens_outside_the_mask_never_change_in_either_backend(config, options)
     assert (final[:, mask == 1] >= 0).all()
     assert (out[:, :, 0] == ids[:, :1]).all()  # the class token is kept
   np.testing.assert_array_equal(b.final_seqs.numpy(), np.asarray(a.final_seqs))
+
+
+# What `run.py edit` is given -> image and latent mask (editing.edit_inputs) -----------------------------------
+def test_an_aligned_box_grows_by_exactly_one_token_on_each_side_and_an_unaligned_one_may_not(config):
+  # The README's statement, checked: the official formula rounds the box's top and its height down to tokens
+  # separately, then adds one token above/left and one below/right (clipped to the grid).
+  aligned = editing.latent_mask_from_bbox(config, top=8, left=12, height=8, width=8)  # f = 4: tokens 2-3, 3-4
+  expected = np.zeros((8, 8), np.float32)
+  expected[1:5, 2:6] = 1  # one more token on each side
+  np.testing.assert_array_equal(aligned, expected)
+  # top=7, height=2 covers pixel rows 7-8, i.e. tokens 1 and 2; the formula gives [7//4 - 1, 7//4 + 2//4 + 1)
+  # = rows 0-1: one token above, and token row 2 (pixel 8 of the box) is NOT regenerated.
+  unaligned = editing.latent_mask_from_bbox(config, top=7, left=8, height=2, width=4)
+  assert unaligned[:, 3].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_edit_inputs_box_mask_and_extend(config, tmp_path):
+  picture = str(tmp_path / "in.png")
+  Image.fromarray(np.uint8(np.random.default_rng(0).random((48, 40, 3)) * 255)).save(picture)
+  boxed = editing.edit_inputs(config, picture, box="8,8,8,8")
+  assert boxed.image.shape == (32, 32, 3) and boxed.image.dtype == np.float32
+  assert "resized 40x48 -> 32x32" in boxed.note
+  np.testing.assert_array_equal(boxed.latent_mask, editing.latent_mask_from_bbox(config, 8, 8, 8, 8))
+  mask = str(tmp_path / "mask.png")
+  pixels = np.zeros((10, 10), np.uint8)
+  pixels[5:, :] = 255
+  Image.fromarray(pixels).save(mask)
+  masked = editing.edit_inputs(config, picture, mask=mask)
+  assert masked.latent_mask[4:].all() and not masked.latent_mask[:4].any()
+  extended = editing.edit_inputs(config, picture, extend="0,0,0,8")  # 48x40 -> 48x48 canvas
+  assert extended.latent_mask[:, -1].all() and not extended.latent_mask[:, :-1].any()  # 8 of 48 px: 1 of 8 cells
+  assert "canvas 48x48" in extended.note
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(box="8,8,8"), "--box needs 4 comma-separated non-negative integers"),
+    (dict(box="30,0,8,8"), "--box 30,0,8,8 must lie inside the 32x32 image"),
+    (dict(extend="1,2,-3,4"), "--extend needs 4"),
+    (dict(), "exactly one of --mask"),
+    (dict(box="0,0,8,8", extend="0,0,0,8"), "exactly one of --mask"),
+    (dict(mask="no_such_mask.png"), "--mask no_such_mask.png: no such file"),
+])
+def test_edit_input_errors_name_the_flag(config, tmp_path, kwargs, match):
+  picture = str(tmp_path / "in.png")
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
+  with pytest.raises(editing.EditError, match=match):
+    editing.edit_inputs(config, picture, **kwargs)
+  with pytest.raises(editing.EditError, match="--image"):
+    editing.edit_inputs(config, str(tmp_path / "missing.png"), box="0,0,8,8")

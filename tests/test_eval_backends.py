@@ -4,13 +4,11 @@ images, features and metrics."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +26,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(checkpoint, tmp_path):
-  sys.path.insert(0, REPO)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import run  # pylint: disable=import-outside-toplevel
-  from maskgit_common import evaluate  # pylint: disable=import-outside-toplevel
+  import evaluation  # pylint: disable=import-outside-toplevel
+  from evaluation import inception, sampler, shards  # pylint: disable=import-outside-toplevel
   from maskgit_common.data import write_synthetic_folder  # pylint: disable=import-outside-toplevel
   from maskgit_jax import pipeline as jax_pipeline, sampler as jax_sampler  # pylint: disable=import-outside-toplevel
-  from maskgit_torch import inception  # pylint: disable=import-outside-toplevel
   from maskgit_torch import pipeline as torch_pipeline, sampler as torch_sampler  # pylint: disable=import-outside-toplevel
   config, path = checkpoint
   ref = write_synthetic_folder(str(tmp_path / "ref"), 20000, 6)
@@ -51,12 +47,12 @@ def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(c
   reports, features = {}, {}
   for backend, module in (("torch", torch_pipeline), ("jax", jax_pipeline)):
     model = module.MaskGIT.from_checkpoint(path, device="cpu")
-    generate = run.eval_generate_fn(model, decoder, config.sampler.num_iter, noise_for=noise[backend])
+    generate = sampler.generate_fn(model, decoder, config.sampler.num_iter, noise_for=noise[backend])
     extractor = inception.build_extractor(None, device="cpu", batch_size=6)
     out = str(tmp_path / backend)
-    reports[backend] = evaluate.evaluate(generate, extractor, 6, config.num_class, out, ref, batch_size=3, seed=5,
+    reports[backend] = evaluation.evaluate(generate, extractor, 6, config.num_class, out, ref, batch_size=3, seed=5,
                                          k=2, splits=1, log=lambda *a: None)
-    pool, _ = evaluate.sample_features(out, 6, 3, extractor)
+    pool, _ = shards.sample_features(out, 6, 3, extractor)
     features[backend] = np.asarray(pool)
   np.testing.assert_array_equal(features["torch"], features["jax"])
   assert features["torch"].shape[0] == 6 and np.isfinite(features["torch"]).all()

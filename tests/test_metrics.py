@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from maskgit_common import metrics
+from evaluation import metrics
 
 
 # FID -------------------------------------------------------------------------------------------------------------

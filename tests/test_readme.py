@@ -1,7 +1,7 @@
-"""The README cannot rot: every `python run.py ...` command in it parses against run.py's flags, and the ones that
-run on the embedded demo model (sample, edit) are executed as written. The convert commands are exercised by
-tests/test_conversion.py (official fixtures through `run.py convert`), the parity command by
-parity_tests/test_runner.py; the train and eval commands run here, shortened, under the `slow` marker.
+"""The README cannot rot: every `python run.py ...` command in it parses against run.py's flags (each flag one its
+subcommand uses), and the ones that run on the embedded demo model (sample, edit) are executed as written. The
+convert commands are exercised by tests/test_conversion.py (official fixtures through `run.py convert`), the parity
+command by parity_tests/test_runner.py; the train and eval commands run here, shortened, under the `slow` marker.
 """
 
 import os
@@ -55,6 +55,7 @@ def test_every_readme_command_parses_against_run_py_flags():
     assert argv and argv[0] in run.COMMANDS, argv
     try:
       run.FLAGS(["run.py", *argv])  # raises on an unknown flag or a bad value
+      run.check_flags(argv[0])  # raises on a flag this subcommand does not use
     finally:
       run.FLAGS.unparse_flags()
 
@@ -85,9 +86,12 @@ def test_readme_sample_and_edit_commands_run_as_written(tmp_path):
   for argv in commands:
     out = _run(argv, tmp_path)
     assert "wrote" in out, argv
-  for name in ("samples.png", "grid.png", "steps.png", "edited.png", "wider.png"):
+  for name in ("samples.png", "grid.png", "steps.png"):  # labelled grids of 32 px tiles
     with Image.open(tmp_path / name) as picture:
       assert picture.size[0] > 32 and picture.size[1] > 32, name
+  for name in ("edited.png", "wider.png"):  # `edit --out` is the edited image alone, at the model's size
+    with Image.open(tmp_path / name) as picture:
+      assert picture.size == (32, 32), name
 
 
 @pytest.mark.slow

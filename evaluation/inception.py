@@ -1,5 +1,7 @@
 """The FID Inception-v3 feature extractor, written out in torch (no torchvision).
 
+The only module of `evaluation` that imports torch; `import evaluation` and the metrics stay framework-free.
+
 This is the network of the TensorFlow `inception-2015-12-05` graph that TTUR's FID, improved-gan's Inception Score
 and the ADM evaluator use, in the layout of pytorch-fid's port (`pt_inception-2015-12-05-6726825d.pth`): module
 names follow torchvision's `Inception3(num_classes=1008, aux_logits=False)` so that state dict loads as is. It
@@ -32,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskgit_common.evaluate import FeatureExtractor
-from maskgit_common.training import sha256_file  # pylint: disable=unused-import (public here too)
+from evaluation.features import FeatureExtractor
 from maskgit_common.errors import UserError
+from maskgit_common.fileio import sha256_file
 from maskgit_torch import device as device_lib
 
 # sha256 of accepted weight files. pytorch-fid's release file; torch-fidelity ships the same bytes under the name
@@ -330,7 +332,7 @@ def inception_features(model: FIDInceptionV3, images, batch_size: int = 50) -> t
 
 def build_extractor(weights_path: str | None = None, device="auto", batch_size: int = 50,
                     seed: int = 0) -> FeatureExtractor:
-  """The extractor `maskgit_common.evaluate` calls: the real FID Inception from `weights_path` (hash-checked), or,
+  """The extractor `evaluation.evaluate` calls: the real FID Inception from `weights_path` (hash-checked), or,
   when no path is given, a seeded RANDOM-INIT network flagged as such in every report."""
   device = resolve_device(device)
   if weights_path:

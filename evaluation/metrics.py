@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature arrays: FID, Inception Score, precision/recall, density/coverage.
 
 Framework-free (numpy + scipy): the inputs are Inception pool features (N, 2048) and logits (N, 1008) from
-`maskgit_torch/inception.py`, but nothing here depends on where they came from. Everything is computed in float64.
+`evaluation/inception.py`, but nothing here depends on where they came from. Everything is computed in float64.
 
 Definitions, as in the common evaluators:
 - FID (Heusel et al. 2017): |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the covariances unbiased (ddof=1, as
