@@ -46,7 +46,8 @@ def _child_make(preset: str, seed_dir: str, optimizer: str) -> None:
   """Random seed files, one model at a time (torch modules with the seed's names, the seed's own init)."""
   import numpy as np
   import torch
-  from conversion import seed_formats, seed_table
+  from conversion import seed_formats
+  from conversion.tables import seed as seed_table
   from maskgit_torch.seed_transformer import MaskTransformer
   from maskgit_torch.taming import VQModel
   config = _config(preset)
@@ -98,7 +99,7 @@ def _child_to_jax(torch_dir: str, jax_dir: str) -> None:
   """torch safetensors -> config.json + {tokenizer,transformer}.msgpack (flax to_bytes layout), via the table."""
   import safetensors.numpy
   from configs import MaskGITConfig
-  from conversion import seed_table
+  from conversion.tables import seed as seed_table
   from maskgit_common import fileio, msgpack_io
   baseline, start = _peak_rss_bytes(), time.perf_counter()
   config = MaskGITConfig.load(torch_dir)
@@ -116,7 +117,8 @@ def _child_to_jax(torch_dir: str, jax_dir: str) -> None:
 def _child_to_seed(jax_dir: str, seed_dir: str) -> None:
   """flax msgpack -> the seed's files (MaskGIT/*.pth, VQGAN/last.ckpt + model.yaml), via the table."""
   from configs import MaskGITConfig
-  from conversion import seed_formats, seed_table
+  from conversion import seed_formats
+  from conversion.tables import seed as seed_table
   from maskgit_common import msgpack_io
   baseline, start = _peak_rss_bytes(), time.perf_counter()
   config = MaskGITConfig.load(jax_dir)

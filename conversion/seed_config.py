@@ -19,7 +19,7 @@ import numpy as np
 
 from configs import ConfigError, DataConfig, MaskGITConfig, TokenizerConfig, TransformerConfig
 from configs import presets
-from conversion import seed_table
+from conversion.tables import seed as seed_table
 from conversion.seed_formats import SeedFormatError
 
 SEED_HEADS = 16  # Trainer/vit.py get_network("vit"): heads=16 for "base", "big" and "huge"

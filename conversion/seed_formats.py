@@ -15,7 +15,7 @@ name. The one exception is the class pytorch-lightning 1.0 pickles as a dict key
 (`pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`, in every real taming checkpoint): for last.ckpt
 alone that name is mapped to `_InertCallback`, a class with no behaviour. torch is imported inside the functions
 that need it, never at module level. State dicts come back as {torch key: np.ndarray} in the seed's layout (the
-torch side of `conversion/seed_table.py`); everything else of a file (iter, epoch, the AdamW state as numpy,
+torch side of `conversion/tables/seed.py`); everything else of a file (iter, epoch, the AdamW state as numpy,
 `loss.*`, the yaml's lossconfig) in an `extras` dict, which the writers put back.
 """
 
@@ -229,7 +229,7 @@ def _torch_save(path: str, obj) -> str:
 def write_transformer(path: str, config, state: Mapping, extras: Mapping | None = None) -> str:
   """Writes a `.pth` as the seed's Trainer.save_network does: iter and global_epoch (0 when unknown), the
   model_state_dict in the seed's key order, and optimizer_state_dict when extras carry one."""
-  from conversion import seed_table  # pylint: disable=import-outside-toplevel
+  from conversion.tables import seed as seed_table  # pylint: disable=import-outside-toplevel
   extras = extras or {}
   obj = {"iter": int(extras.get("iter", 0)), "global_epoch": int(extras.get("global_epoch", 0)),
          "model_state_dict": _ordered_tensors(state, seed_table.state_dict_order(config, "transformer"))}
@@ -242,7 +242,7 @@ def write_vqgan(path: str, config, state: Mapping, extras: Mapping | None = None
   """Writes a lightning-style `last.ckpt`: the VQGAN state_dict (+ the `loss.*` entries extras kept), epoch,
   global_step, version, optimizer and scheduler states from extras. Callback states cannot be written without
   lightning's class (they are keyed by it), so `callbacks` is empty; the seed's loader reads only `state_dict`."""
-  from conversion import seed_table  # pylint: disable=import-outside-toplevel
+  from conversion.tables import seed as seed_table  # pylint: disable=import-outside-toplevel
   extras = extras or {}
   tensors = _ordered_tensors(state, seed_table.state_dict_order(config, "tokenizer"))
   tensors.update(torch_tree(dict(extras.get("loss_state", {}))))

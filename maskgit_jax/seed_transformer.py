@@ -1,7 +1,7 @@
 """The seed's transformer (valeoai MaskGIT-pytorch v1 `MaskTransformer`) in flax, mirroring
 `maskgit_torch/seed_transformer.py` class for class.
 
-`transformer.arch=seed`. Parameter tree (flax names; `conversion/seed_table.py` maps each leaf to the seed's key):
+`transformer.arch=seed`. Parameter tree (flax names; `conversion/tables/seed.py` maps each leaf to the seed's key):
 
   tok_emb/embedding (V, D)     pos_emb (1, S, D)     bias (S, V)
   first_layer/{norm_0, dense_0, norm_1, dense_1}           LN eps 1e-12 (layer_norm_eps)

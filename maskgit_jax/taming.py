@@ -1,7 +1,7 @@
 """taming-transformers' VQGAN (`taming.models.vqgan.VQModel`, as valeoai MaskGIT-pytorch v1 ships it) in flax,
 mirroring `maskgit_torch/taming.py` class for class; NHWC throughout.
 
-`tokenizer.arch=taming`. Parameter tree (flax names; `conversion/seed_table.py` maps each leaf to taming's key):
+`tokenizer.arch=taming`. Parameter tree (flax names; `conversion/tables/seed.py` maps each leaf to taming's key):
 
   encoder/{conv_in, down_<lvl>/{block_<j>, attn_<j>, downsample/conv}, mid/{block_1, attn_1, block_2},
            norm_out, conv_out}

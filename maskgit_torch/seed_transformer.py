@@ -16,7 +16,7 @@ token last, mask id K, class id K + 1 + label, null class K + 1 + C); callers bu
 The seed's numerics are kept by using the same torch modules in the same order: nn.MultiheadAttention (packed
 in_proj weights, called as the seed calls it), exact (erf) nn.GELU, the same LayerNorm eps, and the same init, so
 `torch.manual_seed(s)` then this class gives the seed's own random weights. `maskgit_jax/seed_transformer.py`
-mirrors it class for class; `conversion/seed_table.py` maps the parameters.
+mirrors it class for class; `conversion/tables/seed.py` maps the parameters.
 """
 
 from __future__ import annotations

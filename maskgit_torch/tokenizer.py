@@ -6,7 +6,7 @@ Mirrors maskgit_jax/tokenizer.py class for class, argument for argument: submodu
 section first (then the channel counts flax infers from its input but torch must know: ResBlock's in_channels);
 `VQVAE(config, train=False)` takes the whole `MaskGITConfig`. train=True is the official train mode: the quantizer
 returns its losses (commitment, codebook, entropy) and the straight-through value, as in JAX.
-Module attributes mirror the official tree (conversion/table.py maps every parameter):
+Module attributes mirror the official tree (conversion/tables/official.py maps every parameter):
   encoder: conv_in (Conv_0), blocks[k] (ResBlock_k), norm_out (GroupNorm_0), conv_out (Conv_1)
   decoder: conv_in (Conv_0), blocks[k] (ResBlock_k), upsample_convs[j] (Conv_{j+1}), norm_out, conv_out (Conv_last)
   ResBlock: norm0, conv0, norm1, conv1 (GroupNorm_0, Conv_0, GroupNorm_1, Conv_1), shortcut (Conv_2)

@@ -8,7 +8,7 @@ Mirrors maskgit_jax/transformer.py class for class, argument for argument: every
 `TransformerConfig` section first, then the sizes that live outside it (vocab_size, max_position_embeddings); the
 top-level `Transformer` takes the whole `MaskGITConfig`. Module attributes mirror the official tree (Embed_0 ->
 embed, TransformerLayer_i -> layers[i], Attention_0 -> attention, Mlp_0 -> mlp, MlmLayer_0 -> mlm);
-`conversion/table.py` maps every parameter, and its module names key the forward hooks that capture intermediates
+`conversion/tables/official.py` maps every parameter, and its module names key the forward hooks that capture intermediates
 (`parity_tests.intermediates.capture_torch`), so `forward` is only the maths.
 
 Precision: float32 is the parity mode. Under `torch.autocast(..., dtype=torch.bfloat16)` ("fast" mode) the matmuls

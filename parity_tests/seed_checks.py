@@ -222,7 +222,8 @@ def _identical(a, b):
 
 def check_roundtrip(case):
   """seed files -> torch (strict load) -> JAX tree -> seed files -> read again: everything bit-identical."""
-  from conversion import seed_formats, seed_table  # pylint: disable=import-outside-toplevel
+  from conversion import seed_formats  # pylint: disable=import-outside-toplevel
+  from conversion.tables import seed as seed_table  # pylint: disable=import-outside-toplevel
   from parity_tests import seed_torch  # pylint: disable=import-outside-toplevel
   original = checkpoint(case)
   config, notes, bad = original.config, [], []

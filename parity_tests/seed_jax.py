@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion import seed_table
+from conversion.tables import seed as seed_table
 import conversion
 from maskgit_jax import device as device_lib
 from maskgit_jax.seed_transformer import MaskTransformer

@@ -34,12 +34,14 @@ def tiny_config():
 
 
 def _save(path, config, tokenizer=True, transformer=True, seed=0, overwrite=False):
-  from maskgit_torch.checkpoint import save_checkpoint_dir  # pylint: disable=import-outside-toplevel
+  from maskgit_torch.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
   from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
   from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)
-  save_checkpoint_dir(path, config, VQVAE(config) if tokenizer else None,
-                      Transformer(config) if transformer else None, overwrite=overwrite)
+  models = {"tokenizer": VQVAE(config)} if tokenizer else {}
+  if transformer:
+    models["transformer"] = Transformer(config)
+  save_checkpoint(path, config, models, overwrite=overwrite)
   return path
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conversion import seed_config, seed_formats, seed_table
+from conversion import seed_config, seed_formats
+from conversion.tables import seed as seed_table
 from conversion.seed_formats import SeedFormatError
 from maskgit_common.errors import UserError
 from parity_tests import seed_checks
@@ -311,7 +312,7 @@ def test_config_round_trips_through_the_seeds_names():
 
 
 def test_formats_import_neither_torch_nor_jax():
-  code = ("import sys, conversion.seed_formats, conversion.seed_table, conversion.seed_config; "
+  code = ("import sys, conversion.seed_formats, conversion.tables.seed, conversion.seed_config; "
           "import parity_tests.seed_checks; "
           "bad = [m for m in ('torch', 'jax', 'flax') if m in sys.modules]; assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))

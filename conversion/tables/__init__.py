@@ -1,10 +1,9 @@
 """The table registry: which parameter table a config's tokenizer and transformer use.
 
-A model family's table is one module (`official.py` here) with a function (config, part) -> list[Rule], and,
+A model family's table is one module (`official.py`, `seed.py`) with a function (config, part) -> list[Rule], and,
 optionally, the config fields its shapes imply (for config inference and for naming a wrong field) and a test of
 which part a bare file holds. It is registered with one line in `TABLES`, keyed by (part, arch); the arch is
-`config.<part>.arch` ("maskgit" when the schema has no such field). Another family, e.g.:
-  TABLES[("transformer", "seed")] = TABLES[("tokenizer", "taming")] = Table(seed_table.param_table)
+`config.<part>.arch` ("maskgit" when the schema has no such field).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, NamedTuple
 
 from conversion.rules import Rule
-from conversion.tables import official
+from conversion.tables import official, seed
 
 PARTS = ("tokenizer", "transformer")
 DEFAULT_ARCH = "maskgit"
@@ -27,6 +26,9 @@ class Table(NamedTuple):
 TABLES: dict[tuple[str, str], Table] = {
     ("tokenizer", "maskgit"): Table(official.rules, official.tokenizer_fields, official.holds_tokenizer),
     ("transformer", "maskgit"): Table(official.rules, official.transformer_fields, official.holds_transformer),
+    # valeoai MaskGIT-pytorch v1: its transformer and the taming VQGAN (config inference: conversion.seed_config).
+    ("transformer", "seed"): Table(seed.rules),
+    ("tokenizer", "taming"): Table(seed.rules),
 }
 
 

@@ -1,6 +1,6 @@
 """The seed family's parameter table: JAX flax path <-> the seed's torch state_dict key + layout transform.
 
-The same `Rule` and `TRANSFORMS` as the official table (`conversion/table.py`), for `transformer.arch=seed`
+The same `Rule` and `TRANSFORMS` as the official table (`conversion/tables/official.py`), for `transformer.arch=seed`
 (valeoai MaskGIT-pytorch v1 `MaskTransformer`) and `tokenizer.arch=taming` (taming `VQModel`). The torch keys
 are the seed's own (`maskgit_torch/seed_transformer.py`, `maskgit_torch/taming.py`), so a seed checkpoint's
 state_dict is the torch side as it is; the JAX paths follow the flax modules of `maskgit_jax/seed_transformer.py`
@@ -130,20 +130,20 @@ def _tokenizer_rules(config) -> list[Rule]:
 _RULES = {"transformer": _transformer_rules, "tokenizer": _tokenizer_rules}
 
 
-def _rules(config, which: str) -> list[Rule]:
+def rules(config, which: str) -> list[Rule]:
   if which not in _RULES:
     raise ValueError(f"which must be 'tokenizer' or 'transformer', got {which!r}")
   arch = getattr(config, which).arch
   if arch != ARCHS[which]:
-    raise ValueError(f"conversion.seed_table maps {which}.arch={ARCHS[which]!r}, the config has {arch!r}")
+    raise ValueError(f"conversion.tables.seed maps {which}.arch={ARCHS[which]!r}, the config has {arch!r}")
   return _RULES[which](config)
 
 
 def state_dict_order(config, which: str) -> list[str]:
   """The torch keys of `which` in the seed's state_dict order (= its AdamW state indices for the transformer)."""
-  return [r.torch_key for r in _rules(config, which)]
+  return [r.torch_key for r in rules(config, which)]
 
 
 def param_table(config, which: str) -> list[Rule]:
   """Every parameter of `which` ("tokenizer": taming, "transformer": seed) in flax's serialization order."""
-  return sorted(_rules(config, which), key=lambda r: r.jax_path.split("/"))
+  return sorted(rules(config, which), key=lambda r: r.jax_path.split("/"))
