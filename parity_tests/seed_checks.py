@@ -208,15 +208,15 @@ def run_backend_checks(b, case, run_check):
 
 
 # Conversion --------------------------------------------------------------------------------------------------------
-def _identical(a, b):
+def same_tree(a, b):
   """Bitwise equality of nested extras (arrays by dtype, shape and bytes; containers by keys and order)."""
   if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
     a, b = np.asarray(a), np.asarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
   if isinstance(a, dict):
-    return isinstance(b, dict) and list(a) == list(b) and all(_identical(a[k], b[k]) for k in a)
+    return isinstance(b, dict) and list(a) == list(b) and all(same_tree(a[k], b[k]) for k in a)
   if isinstance(a, (list, tuple)):
-    return type(a) is type(b) and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
   return type(a) is type(b) and a == b
 
 
@@ -238,11 +238,11 @@ def check_roundtrip(case):
     seed_formats.write_seed(os.path.join(tmp, "seed"), config, back, original.extras)
     again = seed_formats.read_seed(os.path.join(tmp, "seed"), config)
   for which, state in original.weights.items():
-    differ = [k for k in state if not _identical(state[k], again.weights[which].get(k))]
+    differ = [k for k in state if not same_tree(state[k], again.weights[which].get(k))]
     # Lightning's callback states are keyed by its ModelCheckpoint class, which cannot be pickled without
     # lightning: last.ckpt is written with `callbacks: {}` (the seed reads only `state_dict`). All else must match.
     kept = lambda extras: {k: v for k, v in extras.get(which, {}).items() if k != "callbacks"}
-    extras_same = _identical(kept(original.extras), kept(again.extras))
+    extras_same = same_tree(kept(original.extras), kept(again.extras))
     bad += differ + ([] if extras_same else [f"{which} extras"])
     notes.append(f"{which}: {len(state)} tensors" + (f", {len(differ)} differ {differ[:3]}" if differ else
                                                      " bit-identical") + ("" if extras_same else ", extras differ"))

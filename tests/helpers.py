@@ -12,6 +12,12 @@ def golden_cases():
                 if os.path.isfile(os.path.join(GOLDEN_DIR, d, "config.json")))
 
 
+def seed_cases():
+  """Case directories of the vendored seed fixtures (valeoai MaskGIT-pytorch v1: MaskGIT/, VQGAN/, config.json)."""
+  root = os.path.join(os.path.dirname(GOLDEN_DIR), "data_seed")
+  return sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json")))
+
+
 def golden_config(case_dir):
   from configs import MaskGITConfig
   with open(os.path.join(case_dir, "config.json")) as f:

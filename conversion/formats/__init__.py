@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 
 from conversion.errors import CheckpointError, ConversionError
-from conversion.formats import jax_dir, official_dir, single_file, torch_dir
+from conversion.formats import jax_dir, official_dir, seed, single_file, torch_dir
 from conversion.formats.sniff import pytorch_message, sniff
 
-FORMATS = {f.NAME: f for f in (torch_dir, jax_dir, official_dir, single_file)}
+FORMATS = {f.NAME: f for f in (torch_dir, jax_dir, official_dir, single_file, seed)}
 
 
 def writers() -> list[str]:
