@@ -24,12 +24,19 @@ from maskgit_common import fileio
 
 @dataclasses.dataclass
 class Checkpoint:
-  """A checkpoint read into memory: canonical weights per part (flat flax paths -> np.ndarray)."""
+  """A checkpoint read into memory: canonical weights per part (flat flax paths -> np.ndarray), and `extras`, what
+  the source holds besides the weights ({part: {...}}, e.g. the seed's AdamW state: conversion/formats/seed.py),
+  read on first access (sampling never pays for an optimizer state)."""
   config: MaskGITConfig
   parts: dict
   format: str  # the FORMATS name it was read from
   paths: dict  # {part: file it came from}
-  extras: dict = dataclasses.field(default_factory=dict)
+  _extras: object = dataclasses.field(default_factory=dict, repr=False)  # a dict, or a function that reads it
+
+  @property
+  def extras(self) -> dict:
+    self._extras = materialize(self._extras)
+    return self._extras
 
 
 @dataclasses.dataclass

@@ -122,6 +122,29 @@ def test_convert_to_seed_and_back_through_torch_and_jax_is_bit_exact(download, c
   for part, flat in first.parts.items():
     assert all(_same(last.parts[part][k], v) for k, v in flat.items()), part
   assert conversion.read(str(tmp_path / "jax")).config == config  # the config travels in config.json
+  # The AdamW state, iter, epoch, the .pth's name and the lightning entries travel in our directories' extras.
+  drop = lambda e: {p: {k: v for k, v in x.items() if k != "callbacks"} for p, x in e.items()}  # lightning's class
+  assert _identical(drop(last.extras), drop(first.extras))
+  assert os.listdir(tmp_path / "seed" / "MaskGIT") == ["MaskGIT_ImageNet_256.pth"]
+  assert {"extras.json", "extras.safetensors"} <= set(os.listdir(tmp_path / "jax"))
+
+
+def test_extras_keep_every_container_key_type_and_dtype(tmp_path):
+  from conversion.formats import extras  # pylint: disable=import-outside-toplevel
+  tree = {"transformer": {"iter": 7, "optimizer_state_dict": {
+      "state": {0: {"step": np.array(3.0, np.float32), "exp_avg": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+      "param_groups": [{"betas": (0.9, 0.96), "lr": 1e-4, "foreach": None, "params": [0]}]}},
+      "tokenizer": {"a/b": np.float64(0.5), "a": {"b": np.zeros(2, np.int64)}, "big": 1 << 40, "flag": True}}
+  extras.write_extras(str(tmp_path), tree)
+  back = extras.read_extras(str(tmp_path))
+  assert _identical(back, tree)
+  assert type(back["tokenizer"]["a/b"]) is np.float64 and back["transformer"]["optimizer_state_dict"]["state"][0][
+      "step"].shape == ()
+  (tmp_path / "extras.json").write_text("{not json")
+  with pytest.raises(conversion.CheckpointFormatError, match="extras.json"):
+    extras.read_extras(str(tmp_path))
+  with pytest.raises(conversion.ConversionError, match="cannot be stored"):
+    extras.write_extras(str(tmp_path / "x"), {"transformer": {"f": object()}})
 
 
 def test_convert_never_overwrites_and_protects_the_source(download, config, tmp_path):

@@ -20,10 +20,11 @@ from conversion import CheckpointFormatError, ConversionError
 from maskgit_common.errors import UserError
 from parity_tests import seed_checks
 from parity_tests.case import Case
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "parity_tests", "data_seed")
-CASES = sorted(d for d in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, d, "config.json")))
+DATA = helpers.GOLDEN_DIR
+CASES = [os.path.basename(c) for c in helpers.seed_cases()]
 
 
 def _case(name=None):
@@ -70,7 +71,7 @@ def test_both_layouts_read_the_same_weights(case_name, tmp_path):
 @pytest.mark.parametrize("case_name", CASES)
 def test_extras_keep_iter_epoch_and_the_adamw_state_per_parameter(case_name):
   case = _case(case_name)
-  ck = seed_checks.checkpoint(case)
+  ck = seed_formats.read_seed(case.path, seed_checks.case_config(case))
   meta = case.official["checkpoints"]["maskgit_meta"]
   extras = ck.extras["transformer"]
   assert (extras["iter"], extras["global_epoch"]) == (meta["iter"], meta["global_epoch"])
@@ -261,7 +262,7 @@ def test_missing_and_ambiguous_sources(tmp_path, case_copy):
 # Writing -----------------------------------------------------------------------------------------------------------
 def test_written_files_read_back_bit_exact_and_in_the_seeds_structure(tmp_path):
   case = _case()
-  ck = seed_checks.checkpoint(case)
+  ck = seed_formats.read_seed(case.path, seed_checks.case_config(case))
   extras = dict(ck.extras, transformer=dict(ck.extras["transformer"], file_name="MaskGIT_ImageNet_256.pth"))
   files = seed_formats.write_seed(str(tmp_path / "out"), ck.config, ck.weights, extras)
   saved = torch.load(files.transformer, weights_only=True)
@@ -280,7 +281,7 @@ def test_written_files_read_back_bit_exact_and_in_the_seeds_structure(tmp_path):
 
 
 def test_writes_are_atomic_and_never_overwrite_without_asking(tmp_path):
-  ck = seed_checks.checkpoint(_case())
+  ck = seed_formats.read_seed(_case().path, seed_checks.case_config(_case()))
   dst = str(tmp_path / "out")
   seed_formats.write_seed(dst, ck.config, ck.weights, ck.extras)
   before = sorted(os.listdir(dst))

@@ -7,9 +7,12 @@ A format module has
                                  canonical weights (flat flax paths, numpy) per part; a part may be a zero-argument
                                  function that loads it, so a converter holds one part at a time. The config is the
                                  one stored with the weights (None: the caller's, else inferred from the shapes);
-                                 `config` is what the caller gave, for formats that need it to read (torch keys);
+                                 `config` is what the caller gave, for formats that need it to read (torch keys).
+                                 extras: {part: {...}} the source holds besides the weights (the seed's AdamW state,
+                                 ...), or a zero-argument function reading them;
   write(tmp, config, parts, extras)   optional: writes the parts (flat dicts or loaders, each materialised once; an
-                                 empty one is skipped) and the config into `tmp`, a directory `fileio` then publishes;
+                                 empty one is skipped), the config and the extras (a dict or a function: keep what
+                                 the format can hold) into `tmp`, a directory `fileio` then publishes;
   READS_PYTORCH = True           optional: the format reads PyTorch pickles (so messages can say "convert it").
 Detection must be unambiguous: a path more than one format claims is refused, naming them.
 """

@@ -71,8 +71,9 @@ def check_family(config, parts) -> None:
                           f"tokenizer.arch=taming); this config has {' and '.join(wrong)}: write it as torch or jax")
 
 
-def write(tmp: str, config, parts: dict, extras: dict) -> None:
+def write(tmp: str, config, parts: dict, extras) -> None:
   check_family(config, parts)
+  extras = materialize(extras)
   for part in PARTS:  # one part in memory at a time: materialised, converted, written, dropped
     flat = materialize(parts[part]) if part in parts else {}
     if not flat:  # absent, or failed its checks (the conversion raises once every part is checked)
