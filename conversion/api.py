@@ -137,7 +137,9 @@ def read(path: str, config=None, *, parts: Sequence[str] | None = None, require:
 
 def write(dst: str, config: MaskGITConfig, parts: Mapping[str, Mapping], format: str = "torch", *,
           overwrite: bool = False, protect: Sequence[str] = (), extras: Mapping | None = None) -> str:
-  """Writes canonical weights {part: flat (or nested flax tree)} as directory `dst` in `format`, atomically.
+  """Writes canonical weights {part: flat (or nested flax tree)} as directory `dst` in `format` ("torch", "jax",
+  "seed"), atomically, with `extras` ({part: {...}}, e.g. Checkpoint.extras: conversion/formats/seed.py lists the
+  seed's).
 
   Checks every part first (one ConversionError listing everything; nothing written). The caller's dicts are not
   modified. Returns the absolute path written.
@@ -170,7 +172,8 @@ def _checked_loader(config, part: str, value, path: str, errors: list):
 
 
 def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool = False) -> Converted:
-  """Converts any checkpoint `read` accepts into directory `dst` in format `to` ("torch" or "jax").
+  """Converts any checkpoint `read` accepts into directory `dst` in format `to` ("torch", "jax" or "seed"), the
+  source's extras included (e.g. the seed's AdamW state, kept by every format written).
 
   One part at a time, each source array dropped once converted (peak memory ~ one copy of the largest part). A
   refused destination costs nothing: it is checked before anything is read. On any error nothing at `dst` changes.

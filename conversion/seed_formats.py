@@ -28,8 +28,6 @@ import logging
 import os
 from typing import Mapping, NamedTuple
 
-import numpy as np
-
 from conversion.errors import CheckpointFormatError, ConversionError, raise_all
 from conversion.formats import torch_pickle
 from maskgit_common import fileio

@@ -3,7 +3,8 @@
   python -m parity_tests --golden DIR --backend jax|torch|both --report FILE.json [--device auto] [--precision parity]
 
 DIR is one case directory (it holds config.json) or a directory of them (searched one level deep), in the fixture
-format of parity_tests/data/FORMAT.md (or the seed fixtures' FORMAT.md). Each case yields every check its
+format of parity_tests/data/FORMAT.md (official) or parity_tests/data/SEED_FORMAT.md (valeoai MaskGIT-pytorch v1;
+the backends' sessions open a seed case with the seed adapters). Each case yields every check its
 format declares (parity_tests/plan.py): a missing input file fails the checks that read it, naming the file, and a
 declared check this version does not implement is reported as NOT YET (failed). The report is the JSON of
 docs/ARCHITECTURE.md ('Parity runner and report'); a table goes to stdout. Exit status 0 iff every check passed, 1

@@ -83,9 +83,11 @@ def _fingerprint(case):
 def open_backend(name, case, device="cpu"):
   """The backend adapter ("torch" or "jax") for this case, opened once per process and device (models loaded on
   first use; the runner and the tests share it, so JAX compiles once); its module is imported only now."""
+  module = importlib.import_module(ADAPTERS[name])
+  device = module.resolve_device(device)  # "cpu" and the runner's device object are one adapter
   key = (name, _fingerprint(case), str(device))
   if key not in _OPENED:
-    _OPENED[key] = importlib.import_module(ADAPTERS[name]).open_case(case, device)
+    _OPENED[key] = module.open_case(case, device)
   return _OPENED[key]
 
 

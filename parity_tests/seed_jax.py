@@ -51,9 +51,14 @@ def _distances(model, flat):
   return model.quantize.squared_distances(flat)
 
 
+def resolve_device(device):
+  """A jax.Device from a device string for maskgit_jax.device.resolve ("cpu", "gpu", "auto"); a Device or None as
+  it is."""
+  return device_lib.resolve(device) if isinstance(device, str) else device
+
+
 def open_case(case, device=None):
-  """`device`: a jax.Device, a device string for maskgit_jax.device.resolve ("cpu", "gpu", "auto"), or None."""
-  return SeedJaxCase(case, device_lib.resolve(device) if isinstance(device, str) else device)
+  return SeedJaxCase(case, resolve_device(device))
 
 
 class SeedJaxCase:

@@ -74,8 +74,12 @@ def _on_reference_threads(method):
   return wrapper
 
 
+def resolve_device(device):
+  return torch.device(device)
+
+
 def open_case(case, device="cpu"):
-  return SeedTorchCase(case, device)
+  return SeedTorchCase(case, resolve_device(device))
 
 
 class SeedTorchCase:

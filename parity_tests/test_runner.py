@@ -1,7 +1,8 @@
 """The parity runner on the vendored golden cases: everything passes, the report has the schema of
 docs/ARCHITECTURE.md ('Parity runner and report'), and a perturbed fixture makes exactly the check that covers it
-fail (so the runner can fail). Issue 14: a case yields every check it declares (a missing input file fails naming
-it, seed checks not written yet are NOT YET), and an empty directory or a damaged fixture is one clear error."""
+fail (so the runner can fail), for the official and the seed cases alike. Issue 14: a case yields every check it
+declares (a missing input file fails naming it, the seed's train.step, not written yet, is NOT YET), and an empty
+directory or a damaged fixture is one clear error."""
 
 import json
 import os

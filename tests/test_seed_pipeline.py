@@ -88,3 +88,21 @@ def test_run_py_samples_and_edits_a_converted_seed_model(converted, backend, tmp
   keep = slice(half + 2 * f, None)
   np.testing.assert_array_equal(after[keep, keep], before[keep, keep])
   assert not np.array_equal(after[:half, :half], before[:half, :half])
+
+
+def test_run_py_converts_back_to_the_seeds_own_files(converted, tmp_path, capsys):
+  """JAX directory -> `--to seed`: the case's files again, bit for bit; a second run refuses to overwrite them."""
+  from conversion import seed_formats  # pylint: disable=import-outside-toplevel
+  dst = str(tmp_path / "seed")
+  assert cli("convert", "--src", converted["jax"], "--dst", dst, "--to", "seed") == 0
+  assert sorted(os.listdir(dst)) == ["MaskGIT", "VQGAN", "manifest.json"]
+  config = seed_checks.case_config(CASE)
+  original, back = seed_formats.read_seed(CASE.path, config), seed_formats.read_seed(dst, config)
+  for part, state in original.weights.items():
+    assert list(back.weights[part]) == list(state)
+    assert all(seed_checks.same_tree(back.weights[part][k], v) for k, v in state.items()), part
+  assert back.extras["transformer"]["iter"] == original.extras["transformer"]["iter"]
+  capsys.readouterr()
+  assert cli("convert", "--src", converted["jax"], "--dst", dst, "--to", "seed") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "exists and is not empty" in err, err

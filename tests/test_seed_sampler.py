@@ -1,10 +1,11 @@
-"""decoder=seed: the seed's `MaskGIT.sample` (valeoai MaskGIT-pytorch v1, golden_seed FORMAT.md) in both backends.
+"""decoder=seed: the seed's `MaskGIT.sample` (valeoai MaskGIT-pytorch v1, parity_tests/data/SEED_FORMAT.md) in both
+backends.
 
 The dev cases' recorded trajectories (parity_tests/data/seed_*) are reproduced step for step: where the record holds
 the transformer outputs (default, inpaint) from them, and every variant with the case's seed transformer loaded
-through `conversion` (`seed_model` below). Every randomize mode, schedule and quirk is also checked against a loop written
-here from FORMAT.md's pseudo-code, on a stand-in network with exact logits; the per-step counts against adap_sche
-computed with torch as the seed does."""
+through `conversion` (`seed_model` below). Every randomize mode, schedule and quirk is also checked against a loop
+written here from the pseudo-code of SEED_FORMAT.md, on a stand-in network with exact logits; the per-step counts
+against adap_sche computed with torch as the seed does."""
 
 import dataclasses
 import math

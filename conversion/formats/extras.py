@@ -3,7 +3,8 @@ lightning entries; `conversion/formats/seed.py` lists them) kept in our torch an
 
   extras.json          the tree's structure: JSON values as they are, and tagged objects for what JSON lacks
                        ({"dict": [[key, value], ...]} for dicts, so integer keys and the order survive;
-                       {"tuple": [...]}; {"array": NAME} for an array, "array0" for a 0-d one, "scalar" for a numpy scalar)
+                       {"tuple": [...]}; {"array": NAME} for an array, "array0" for a 0-d one, "scalar" for a
+                       numpy scalar)
   extras.safetensors   the arrays, by NAME (the leaf's path in the tree, made unique)
 
 so that reading returns the tree exactly as written: the same containers, key types, order, dtypes and bytes

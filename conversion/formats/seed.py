@@ -65,7 +65,8 @@ def read(path: str, config=None):
 
 def check_family(config, parts) -> None:
   """ConversionError unless every part to write is of the seed family (the only one with these files)."""
-  wrong = [f"{p}.arch={getattr(config, p).arch!r}" for p in PARTS if p in parts and getattr(config, p).arch != ARCHS[p]]
+  wrong = [f"{p}.arch={getattr(config, p).arch!r}" for p in PARTS
+           if p in parts and getattr(config, p).arch != ARCHS[p]]
   if wrong:
     raise ConversionError(f"format 'seed' writes valeoai MaskGIT-pytorch's models (transformer.arch=seed, "
                           f"tokenizer.arch=taming); this config has {' and '.join(wrong)}: write it as torch or jax")
