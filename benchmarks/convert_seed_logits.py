@@ -59,10 +59,13 @@ def measure(torch_dir: str, jax_dir: str) -> dict:
   theirs, state = jax.jit(lambda v, i: jax_model.apply(v, i, capture_intermediates=True, mutable=["intermediates"]))(
       variables["transformer"], ids)
   x_jax = np.asarray(state["intermediates"]["last_layer"]["__call__"][0])
+  x_torch = captured["x"].numpy()
+  hook = transformer.last_layer.register_forward_hook(lambda m, a, out: captured.update(x=out.detach()))
   with torch.inference_mode():
     exact = transformer.double()(torch.from_numpy(ids)).numpy()
     transformer.float()
-  x_torch = captured["x"].numpy()
+  hook.remove()
+  x_exact = captured["x"].numpy()
   emb, bias = transformer.tok_emb.weight.detach().numpy(), transformer.bias.detach().numpy()
   l, k = config.seq_len - 1, config.codebook_size + 1
   head = {  # the projection alone, from torch's x: the same inputs, three ways of summing
@@ -74,7 +77,8 @@ def measure(torch_dir: str, jax_dir: str) -> dict:
   out = {"transformer": {
       "max_abs_diff": _max(ours, theirs), "max_abs": peak, "ulp_at_max": 2.0 ** (math.floor(math.log2(peak)) - 23),
       "torch_vs_float64": _max(ours, exact), "jax_vs_float64": _max(theirs, exact),
-      "last_layer_out_torch_vs_jax": _max(x_torch, x_jax),
+      "last_layer_out_torch_vs_jax": _max(x_torch, x_jax), "last_layer_out_torch_vs_float64": _max(x_torch, x_exact),
+      "last_layer_out_jax_vs_float64": _max(x_jax, x_exact),
       "head_torch_vs_jax_same_x": _max(head["torch"], head["jax"]),
       "head_torch_vs_float64_same_x": _max(head["torch"], head["float64"]),
       "head_jax_vs_float64_same_x": _max(head["jax"], head["float64"]),
@@ -106,7 +110,9 @@ def run(torch_dir: str, jax_dir: str) -> dict:
   print(f"torch vs jax logits: max abs diff {t['max_abs_diff']:.3g} (max |logit| {t['max_abs']:.3g}, a float32 ulp "
         f"there {t['ulp_at_max']:.2g}); from the float64 truth: torch {t['torch_vs_float64']:.3g}, JAX "
         f"{t['jax_vs_float64']:.3g}")
-  print(f"  last_layer output torch vs JAX {t['last_layer_out_torch_vs_jax']:.3g}; the projection alone from the "
+  print(f"  last_layer output torch vs JAX {t['last_layer_out_torch_vs_jax']:.3g} (from float64: torch "
+        f"{t['last_layer_out_torch_vs_float64']:.3g}, JAX {t['last_layer_out_jax_vs_float64']:.3g}); the projection "
+        f"alone from the "
         f"same x: torch vs JAX {t['head_torch_vs_jax_same_x']:.3g}, torch vs float64 "
         f"{t['head_torch_vs_float64_same_x']:.3g}, JAX vs float64 {t['head_jax_vs_float64_same_x']:.3g}; torch vs "
         f"JAX with an exact (float64) projection {t['torch_vs_jax_with_float64_head']:.3g}")
