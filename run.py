@@ -4,7 +4,7 @@
   python run.py edit     --image in.png (--mask m.png | --box top,left,height,width | --extend t,b,l,r) --class N
                          [--out edited.png] [--grid panels.png]
   python run.py train    --backend torch|jax --config PRESET_OR_JSON --workdir DIR [--set train.lr=3e-4 ...]
-  python run.py convert  --src PATH --dst DIR --to torch|jax [--config JSON]
+  python run.py convert  --src PATH --dst DIR --to torch|jax|seed [--config JSON]
   python run.py parity   --golden DIR --backend jax|torch|both --report FILE.json
   python run.py eval     [--checkpoint DIR] --ref STATS_OR_FOLDER [--num_samples N] [--inception_weights F] --out DIR
 
@@ -37,7 +37,8 @@ flags.DEFINE_bool("torch_compile", False, "sample/edit/eval --backend torch: tor
 flags.DEFINE_string("device", "auto", "cpu, cuda (gpu), cuda:N, tpu (JAX) or auto; a device this machine lacks is "
                     "an error, never a silent fall back to the CPU.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (config.json + weights). Default: the demo model.")
-flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, tiny) or a config.json path.")
+flags.DEFINE_string("config", None, "Preset name (imagenet_256, imagenet_512, tiny, seed_imagenet_256, "
+                    "seed_imagenet_512) or a config.json path.")
 flags.DEFINE_multi_string("set", [], "Config override section.field=value; repeatable.")
 flags.DEFINE_string("classes", None, "Comma-separated class labels to sample (default: every class once, up to 10).")
 flags.DEFINE_integer("steps", None, "Decoding steps (default: the config's sampler.num_iter).")
@@ -70,9 +71,11 @@ flags.DEFINE_bool("ignore_corrupt_checkpoints", False, "train: when every checkp
 flags.DEFINE_string("tokenizer", None, "train: tokenizer checkpoint for the transformer stage (default "
                     "<workdir>/tokenizer, else a random tokenizer with a warning).")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
-                    "or safetensors).")
+                    "a safetensors file, or valeoai MaskGIT-pytorch files: pretrained_maskgit/, a .pth, a VQGAN "
+                    "folder).")
 flags.DEFINE_string("dst", None, "convert: destination directory (must not exist or be empty).")
-flags.DEFINE_enum("to", None, ["torch", "jax"], "convert: target backend layout.")
+flags.DEFINE_enum("to", None, ["torch", "jax", "seed"], "convert: torch or jax (our checkpoint directories), or "
+                  "seed (valeoai MaskGIT-pytorch's MaskGIT/*.pth + VQGAN/last.ckpt + model.yaml; seed models only).")
 flags.DEFINE_bool("overwrite", False, "convert: replace an existing destination.")
 flags.DEFINE_string("golden", None, "parity: a fixture directory (one case or a folder of cases).")
 flags.DEFINE_string("report", None, "parity: where to write the JSON report (checked writable before the run).")

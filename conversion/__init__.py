@@ -7,8 +7,11 @@ them (`conversion.formats`). Backends import this package, never the reverse: `m
 `maskgit_jax.checkpoint` only turn canonical weights into their framework's variables and back.
 
   read(path, config=None) -> Checkpoint(config, parts, format, paths, extras)
-  write(dst, config, parts, format="torch"|"jax", overwrite=False, protect=())
-  convert(src, dst, to="torch"|"jax", config=None, overwrite=False) -> Converted
+  write(dst, config, parts, format="torch"|"jax"|"seed", overwrite=False, protect=(), extras=None)
+  convert(src, dst, to="torch"|"jax"|"seed", config=None, overwrite=False) -> Converted
+Formats read: ours (torch, jax), the official msgpack files, one weights file, and valeoai MaskGIT-pytorch's own
+files ("seed": MaskGIT/*.pth, VQGAN/last.ckpt + model.yaml; conversion/formats/seed.py). `extras` is what a source
+holds besides the weights ({part: {...}}: the seed's iter, epoch, AdamW state, ...), carried through conversions.
   check(config, part, flat, layout="jax"|"torch") -> list[str]; check_config(config, {part: weights}) raises
   to_torch_layout(config, part, flat) / from_torch_layout(config, part, state)
   infer_config(tokenizer_tree, transformer_tree, num_class=None, image_size=None)

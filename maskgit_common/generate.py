@@ -63,8 +63,11 @@ def decoding_frames(model, decoded) -> np.ndarray:
   final image (the official loop still re-masks a token after its last step; that mask is never used)."""
   config = model.config
   side, f = config.latent_size, config.downsample_factor
-  sampled = _host(decoded.step_sampled_ids)[:, :, 1:]  # (n, B, L) without the class token
-  masking = _host(decoded.step_masking)[:, :, 1:].copy()
+  # (n, B, L) at the image positions (the token layout's: the class token dropped). The seed's decoder can draw
+  # the mask id K (maskgit_common/token_layout.py); it is shown as code K - 1, as the seed's final clamp decodes it.
+  run = int(_host(decoded.steps_run))  # the seed's decoder stops once every token is known
+  sampled = np.clip(decoded.image(_host(decoded.step_sampled_ids))[:run], 0, config.codebook_size - 1)
+  masking = decoded.image(_host(decoded.step_masking))[:run].copy()
   masking[-1] = False
   n, b, _ = sampled.shape
   frames = model.decode_tokens(sampled.reshape(n * b, side, side)).reshape(n, b, *(config.image_size,) * 2, 3)
@@ -120,7 +123,7 @@ def edit(model, inputs: editing.EditInputs, label: int, *, steps: int | None = N
                                              return_output=True)
     edited = regenerated
   else:
-    steps = check_steps(steps, config, start_iter=config.sampler.edit_start_iter)
+    steps = check_steps(steps, config, start_iter=config.sampler.edit_start)  # the decoder's default when None
     regenerated, _, decoded = model.edit(image, mask, [label], seed=seed, num_iter=steps, return_output=True)
     edited = editing.composite(image, regenerated, mask, config)
   edited = np.clip(edited, 0, 1)

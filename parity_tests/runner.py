@@ -3,7 +3,8 @@
   python -m parity_tests --golden DIR --backend jax|torch|both --report FILE.json [--device auto] [--precision parity]
 
 DIR is one case directory (it holds config.json) or a directory of them (searched one level deep), in the fixture
-format of parity_tests/data/FORMAT.md (or the seed fixtures' FORMAT.md). Each case yields every check its
+format of parity_tests/data/FORMAT.md (official) or parity_tests/data/SEED_FORMAT.md (valeoai MaskGIT-pytorch v1;
+the backends' sessions open a seed case with the seed adapters). Each case yields every check its
 format declares (parity_tests/plan.py): a missing input file fails the checks that read it, naming the file, and a
 declared check this version does not implement is reported as NOT YET (failed). The report is the JSON of
 docs/ARCHITECTURE.md ('Parity runner and report'); a table goes to stdout. Exit status 0 iff every check passed, 1
@@ -81,10 +82,14 @@ def _run_backend(backend, cases, results, device, precision, verbose):
   implementations = {**checks.CHECKS, **getattr(module, "CHECKS", {})}
   with session:
     for case in cases:
-      b = session.open(case)
+      try:
+        b = session.open(case)
+      except Exception as e:  # pylint: disable=broad-except
+        b = e  # every check of this case fails with it, and the run goes on
       for planned in plan.planned_checks(case, backend):
         record(case, planned.report_name(backend),
-               lambda planned=planned, b=b, case=case: evaluate(planned, b, case, implementations))
+               lambda planned=planned, b=b, case=case: _raise(b) if isinstance(b, Exception)
+               else evaluate(planned, b, case, implementations))
   return session.description
 
 
