@@ -144,6 +144,11 @@ class TokenCache:
     return int(self.index.get("num_crops", 1))
 
   @property
+  def crops_requested(self) -> int:
+    """data.random_crops of the build (a dataset of model-sized images stores one crop, whatever was asked)."""
+    return int(self.index.get("crops_requested", self.num_crops))
+
+  @property
   def class_names(self) -> list[str]:
     return list(self.index.get("class_names") or [])
 
@@ -203,6 +208,9 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
 
   # Atomic (fileio): the cache appears whole or not at all; a killed build's leftover is removed by the next one.
   with fileio.atomic_directory(path) as tmp:
+    requested = crops
+    # Images that already have the model's size (no `crops` method: synthetic) have one crop, the image itself.
+    crops = crops if hasattr(dataset, "crops") else 1
     per = max(1, batch_size // crops) if crops > 1 else batch_size  # images per encode call stay ~batch_size
     batches = data_lib.iterate_images(dataset, per, num_workers=num_workers, crops=crops if crops > 1 else 0)
     if progress:
@@ -231,6 +239,7 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
         "format": FORMAT, "version": VERSION, "num_examples": int(sum(s["num_examples"] for s in shards)),
         "latent_size": h, "codebook_size": k, "code_dtype": np.dtype(code_dtype).name,
         "num_class": int(config.num_class), "has_flipped": bool(flip), "num_crops": int(crops),
+        "crops_requested": int(requested),
         "tokenizer_signature": signature, "tokenizer_signature_hash": signature_hash(signature),
         "tokenizer_weights_hash": tokenizer_weights_hash,
         "source": dataset.describe() if hasattr(dataset, "describe") else {"dataset": type(dataset).__name__},

@@ -157,12 +157,12 @@ class TrainingData:
     self.batch_size = config.train.batch_size
     self.seed = config.train.seed
     self.order = DataOrder(len(cache), self.seed)
-    self.crops = config.data.random_crops
-    if self.crops > 1 and cache.num_crops != self.crops:
+    self.crops = cache.num_crops if config.data.random_crops > 1 else 1
+    if config.data.random_crops > 1 and cache.crops_requested != config.data.random_crops:
       from maskgit_common.token_cache import TokenCacheError  # pylint: disable=import-outside-toplevel
-      raise TokenCacheError(f"token cache {cache.path} holds {cache.num_crops} crop(s) per image, "
-                            f"data.random_crops={self.crops} needs {self.crops}: delete it to rebuild it (or set "
-                            f"data.random_crops={cache.num_crops})")
+      raise TokenCacheError(f"token cache {cache.path} was built with {cache.crops_requested} crop(s) per image, "
+                            f"data.random_crops={config.data.random_crops}: delete it to rebuild it (or set "
+                            f"data.random_crops={cache.crops_requested})")
 
   def indices(self, position: int, count: int) -> np.ndarray:
     return self.order.indices(position, count)
