@@ -4,7 +4,7 @@
   python run.py edit     --image in.png (--mask m.png | --box top,left,height,width | --extend t,b,l,r) --class N
                          [--out edited.png] [--grid panels.png]
   python run.py train    --backend torch|jax --config PRESET_OR_JSON --workdir DIR [--set train.lr=3e-4 ...]
-  python run.py convert  --src PATH --dst DIR --to torch|jax [--config JSON]
+  python run.py convert  --src PATH --dst DIR --to torch|jax|seed [--config JSON]
   python run.py parity   --golden DIR --backend jax|torch|both --report FILE.json
   python run.py eval     [--checkpoint DIR] --ref STATS_OR_FOLDER [--num_samples N] [--inception_weights F] --out DIR
 
@@ -80,9 +80,11 @@ flags.DEFINE_bool("init_optimizer", True, "train --init: also load the file's Ad
 flags.DEFINE_string("data", None, "train: an image folder (one subfolder per class, ImageNet layout) to train on: "
                     "--set data.dataset=folder --set data.data_dir=DIR.")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
-                    "or safetensors).")
+                    "a safetensors file, or valeoai MaskGIT-pytorch files: pretrained_maskgit/, a .pth, a VQGAN "
+                    "folder).")
 flags.DEFINE_string("dst", None, "convert: destination directory (must not exist or be empty).")
-flags.DEFINE_enum("to", None, ["torch", "jax"], "convert: target backend layout.")
+flags.DEFINE_enum("to", None, ["torch", "jax", "seed"], "convert: torch or jax (our checkpoint directories), or "
+                  "seed (valeoai MaskGIT-pytorch's MaskGIT/*.pth + VQGAN/last.ckpt + model.yaml; seed models only).")
 flags.DEFINE_bool("overwrite", False, "convert: replace an existing destination.")
 flags.DEFINE_string("golden", None, "parity: a fixture directory (one case or a folder of cases).")
 flags.DEFINE_string("report", None, "parity: where to write the JSON report (checked writable before the run).")

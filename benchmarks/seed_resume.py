@@ -10,7 +10,7 @@
 2. `train(..., init=that file)` for one step in torch, then in JAX, on the same fixed batch of a token cache
    (random codes; dropout off so that both backends compute the same function): each must start at step = iter
    and data position global_epoch * N, and their first losses must agree within 1e-4 (relative);
-3. the `seed/current.pth` each export writes must load with strict keys into the seed-named MaskTransformer
+3. the `seed/MaskGIT/current.pth` each export writes must load with strict keys into the seed-named MaskTransformer
    (`--seed_source`: the seed's own Network/transformer.py from a checkout of commit 5ce6c9e, run from there) and
    into torch.optim.AdamW, hold iter + 1 and the epoch, and equal the torch run's own state bit for bit.
 Prints one line per measurement; exit status 1 if any fails.
@@ -60,6 +60,7 @@ def write_file(path, config):
   """The seed's .pth: our seed-named module's init, one AdamW step (the seed's optimizer settings) on random ids."""
   import torch  # pylint: disable=import-outside-toplevel
   from conversion import seed_formats  # pylint: disable=import-outside-toplevel
+  from conversion.formats import torch_pickle  # pylint: disable=import-outside-toplevel
   from maskgit_torch.seed_transformer import MaskTransformer  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   model = MaskTransformer(config)
@@ -67,7 +68,7 @@ def write_file(path, config):
   ids = torch.randint(0, config.codebook_size, (2, config.seq_len))
   model(ids).logsumexp(-1).mean().backward()
   optimizer.step()
-  extras = {"iter": ITER, "global_epoch": EPOCH, "optimizer_state_dict": seed_formats.numpy_tree(optimizer.state_dict())}
+  extras = {"iter": ITER, "global_epoch": EPOCH, "optimizer_state_dict": torch_pickle.numpy_tree(optimizer.state_dict())}
   seed_formats.write_transformer(path, config, {k: v.detach().numpy() for k, v in model.state_dict().items()}, extras)
   return sum(p.numel() for p in model.parameters())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from configs import recipes
+from configs import recipes, samplers
 from configs.schema import (ConfigError, DataConfig, MaskGITConfig, SamplerConfig, TokenizerConfig,
                             TrainConfig, TransformerConfig)
 
@@ -68,10 +68,9 @@ def seed_imagenet_256() -> MaskGITConfig:
       # Trainer/vit.py get_network("vit"), "base": 768 wide, 24 deep, 16 heads, MLP 3072, dropout 0.1.
       transformer=TransformerConfig(arch="seed", num_layers=24, num_embeds=768, num_heads=16,
                                     intermediate_size=3072, dropout_rate=0.1),
-      # The seed README's sampling setting for FID 6.80: softmax temperature 1, Gumbel temperature (r_temp) 4.5,
-      # CFG w = 3 ramped as w * i / (T - 1), "linear" randomization, arccos schedule, 8 steps.
-      sampler=SamplerConfig(num_iter=8, choice_temperature=4.5, mask_schedule="arccos", guidance_scale=3.0,
-                            guidance_schedule="linear", softmax_temperature=1.0, randomize="linear"),
+      # The seed's own decoder with its README's setting for FID 6.80: softmax temperature 1, Gumbel temperature
+      # (r_temp) 4.5, CFG w = 3 ramped as w * i / (T - 1), "linear" randomization, arccos schedule, 8 steps.
+      sampler=samplers.seed_256(),
       # The seed's recipe (configs/recipes.py: Bernoulli arccos masking, loss over all tokens, 10% label dropout,
       # AdamW wd 1e-5, 2500-step warmup from 0 then constant, torch clipping, fp16 on CUDA, random crops, no EMA);
       # README: batch 512 for 755,200 iterations.
@@ -86,9 +85,8 @@ def seed_imagenet_512() -> MaskGITConfig:
   config = seed_imagenet_256()
   return config.replace(
       name="seed_imagenet_512", image_size=512,
-      # Seed README, 512px: softmax temperature 1, Gumbel temperature 7, CFG 2.8, linear, arccos, 15 steps.
-      sampler=SamplerConfig(num_iter=15, choice_temperature=7.0, mask_schedule="arccos", guidance_scale=2.8,
-                            guidance_schedule="linear", softmax_temperature=1.0, randomize="linear"),
+      # The seed's decoder, README 512px: softmax temperature 1, Gumbel temperature 7, CFG 2.8, linear, arccos, 15.
+      sampler=samplers.seed_512(),
       # README: fine-tuned from the 256px model for ~750,000 iterations at batch 128.
       train=dataclasses.replace(config.train, batch_size=128, num_train_steps=750_000))
 

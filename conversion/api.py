@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from configs import PRESETS, MaskGITConfig
 from conversion import formats
 from conversion.checks import check_config, message
-from conversion.errors import CheckpointError, CheckpointFormatError, ConversionError
+from conversion.errors import CheckpointError, ConversionError, raise_all
 from conversion.formats.common import CONFIG_FILE, materialize, read_config, read_config_file
 from conversion.infer import infer_config
 from conversion.tables import PARTS
@@ -24,12 +24,19 @@ from maskgit_common import fileio
 
 @dataclasses.dataclass
 class Checkpoint:
-  """A checkpoint read into memory: canonical weights per part (flat flax paths -> np.ndarray)."""
+  """A checkpoint read into memory: canonical weights per part (flat flax paths -> np.ndarray), and `extras`, what
+  the source holds besides the weights ({part: {...}}, e.g. the seed's AdamW state: conversion/formats/seed.py),
+  read on first access (sampling never pays for an optimizer state)."""
   config: MaskGITConfig
   parts: dict
   format: str  # the FORMATS name it was read from
   paths: dict  # {part: file it came from}
-  extras: dict = dataclasses.field(default_factory=dict)
+  _extras: object = dataclasses.field(default_factory=dict, repr=False)  # a dict, or a function that reads it
+
+  @property
+  def extras(self) -> dict:
+    self._extras = materialize(self._extras)
+    return self._extras
 
 
 @dataclasses.dataclass
@@ -87,15 +94,6 @@ def _load_all(parts: Mapping, errors: list) -> dict:
   return loaded
 
 
-def _raise_all(errors: list) -> None:
-  """One error holding every problem; a lone error keeps its own type (e.g. CheckpointFormatError)."""
-  if len(errors) == 1 and isinstance(errors[0], Exception):
-    raise errors[0]
-  if errors:
-    kind = CheckpointFormatError if all(isinstance(e, CheckpointFormatError) for e in errors) else ConversionError
-    raise kind("\n".join(str(e) for e in errors))
-
-
 def _missing(path: str, fmt, present: Sequence[str], required: Sequence[str]) -> CheckpointError | None:
   absent = [p for p in required if p not in present]
   if not absent:
@@ -127,13 +125,13 @@ def read(path: str, config=None, *, parts: Sequence[str] | None = None, require:
   errors = []
   loaded = _load_all(lazy if config is None else wanted, errors)
   if config is None:
-    _raise_all(errors)  # the shapes of every part decide the config
+    raise_all(errors)  # the shapes of every part decide the config
     config = infer_config(loaded.get("tokenizer"), loaded.get("transformer"))
   if overrides:
     config = config.with_overrides(list(overrides))
   loaded = {p: loaded[p] for p in PARTS if p in wanted and p in loaded}
   errors += [m for p, flat in loaded.items() if (m := message(config, p, flat, "jax", paths[p]))]
-  _raise_all(errors)
+  raise_all(errors)
   return Checkpoint(config, loaded, fmt.NAME, {p: paths[p] for p in loaded}, extras)
 
 
@@ -187,12 +185,12 @@ def convert(src: str, dst: str, to: str = "torch", config=None, overwrite: bool 
   errors = []
   if config is None:  # the shapes decide: every part is read now (and reused below)
     lazy = _load_all(lazy, errors)
-    _raise_all(errors)
+    raise_all(errors)
     config = infer_config(lazy.get("tokenizer"), lazy.get("transformer"))
   removed = fileio.remove_stale_temporaries(dst)
   loaders = {p: _checked_loader(config, p, lazy.pop(p), paths[p], errors) for p in PARTS if p in lazy}
   with fileio.atomic_directory(dst, overwrite=overwrite, protect=(src, *paths.values())) as tmp:
     writer.write(tmp, config, loaders, extras)
-    _raise_all(errors)  # inside the block: the temporary goes, dst stays as it was
+    raise_all(errors)  # inside the block: the temporary goes, dst stays as it was
   return Converted(config, fmt.NAME, tuple(loaders), dst, removed)
 

@@ -16,3 +16,13 @@ class ConversionError(CheckpointError):
 
 class CheckpointFormatError(ConversionError):
   """A file is missing, truncated, or not in the format expected; the message names the file and what it is."""
+
+
+def raise_all(errors: list) -> None:
+  """Raises one error holding every problem in `errors` (exceptions or messages), if any; a lone exception keeps its
+  own type, and only format errors together stay a CheckpointFormatError."""
+  if len(errors) == 1 and isinstance(errors[0], Exception):
+    raise errors[0]
+  if errors:
+    formats_only = all(isinstance(e, CheckpointFormatError) for e in errors)
+    raise (CheckpointFormatError if formats_only else ConversionError)("\n".join(str(e) for e in errors))

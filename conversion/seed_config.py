@@ -19,8 +19,9 @@ import numpy as np
 
 from configs import ConfigError, DataConfig, MaskGITConfig, TokenizerConfig, TransformerConfig
 from configs import presets
+from conversion.checks import message
 from conversion.tables import seed as seed_table
-from conversion.seed_formats import SeedFormatError
+from conversion.errors import ConversionError
 
 SEED_HEADS = 16  # Trainer/vit.py get_network("vit"): heads=16 for "base", "big" and "huge"
 SEED_DROPOUT = 0.1
@@ -51,7 +52,7 @@ def tokenizer_from_taming(params: Mapping, source: str = "model.yaml") -> Tokeni
     problems += [f"model.params.ddconfig.{k}: only {v!r} builds a VQModel this project implements (got {dd[k]!r})"
                  for k, v in _DDCONFIG_FIXED.items() if k in dd and dd[k] != v]
   if problems:
-    raise SeedFormatError(f"{source}: not a supported taming VQGAN config:\n  " + "\n  ".join(problems))
+    raise ConversionError(f"{source}: not a supported taming VQGAN config:\n  " + "\n  ".join(problems))
   try:
     return TokenizerConfig(
         arch="taming", filters=dd["ch"], channel_multipliers=tuple(dd["ch_mult"]),
@@ -59,7 +60,7 @@ def tokenizer_from_taming(params: Mapping, source: str = "model.yaml") -> Tokeni
         z_channels=dd["z_channels"], resolution=dd["resolution"], attn_resolutions=tuple(dd["attn_resolutions"]),
         dropout_rate=float(dd.get("dropout", 0.0)), in_channels=dd["in_channels"], out_channels=dd["out_ch"])
   except (ConfigError, TypeError) as e:
-    raise SeedFormatError(f"{source}: the VQGAN config is invalid here: {e} (taming names: ch -> filters, "
+    raise ConversionError(f"{source}: the VQGAN config is invalid here: {e} (taming names: ch -> filters, "
                           f"ch_mult -> channel_multipliers, embed_dim -> embedding_dim, n_embed -> codebook_size, "
                           f"out_ch -> out_channels)") from None
 
@@ -104,7 +105,7 @@ def config_from_seed(vqgan_params: Mapping, maskgit: Mapping | None = None, name
       problems.append(f"f_factor={maskgit['f_factor']} (the latent side) but img_size {image_size} / "
                       f"f {tokenizer.downsample_factor} = {side}")
     if problems:
-      raise SeedFormatError(f"{source or 'MaskTransformer arguments'}: " + "; ".join(problems))
+      raise ConversionError(f"{source or 'MaskTransformer arguments'}: " + "; ".join(problems))
     transformer = TransformerConfig(
         arch="seed", num_layers=maskgit["depth"], num_embeds=maskgit["hidden_dim"], num_heads=maskgit["heads"],
         intermediate_size=maskgit["mlp_dim"], dropout_rate=float(maskgit["dropout"]))
@@ -112,7 +113,7 @@ def config_from_seed(vqgan_params: Mapping, maskgit: Mapping | None = None, name
     config = base.replace(name=name, image_size=image_size, num_class=num_class, tokenizer=tokenizer,
                           transformer=transformer)
   except ConfigError as e:
-    raise SeedFormatError(f"{source or 'the seed files'} imply an invalid config: {e}") from None
+    raise ConversionError(f"{source or 'the seed files'} imply an invalid config: {e}") from None
   for make in (presets.seed_imagenet_256, presets.seed_imagenet_512):
     preset = make()
     if like is None and _architecture(preset) == _architecture(config):
@@ -132,13 +133,13 @@ def implied_maskgit(state: Mapping, tokenizer: TokenizerConfig, heads: int = SEE
   missing = [k for k in need if k not in state]
   depth = len({int(m.group(1)) for k in state for m in [re.match(r"transformer\.layers\.(\d+)\.", k)] if m})
   if missing or depth == 0 or "transformer.layers.0.1.fn.net.0.weight" not in state:
-    raise SeedFormatError(f"{where}cannot infer the transformer: no {missing or ['transformer.layers.0.*']}")
+    raise ConversionError(f"{where}cannot infer the transformer: no {missing or ['transformer.layers.0.*']}")
   vocab, hidden = np.shape(state["tok_emb.weight"])
   seq_len = np.shape(state["pos_emb"])[1]
   side = math.isqrt(seq_len - 1)
   nclass = vocab - tokenizer.codebook_size - 2
   if side * side != seq_len - 1 or nclass < 1:
-    raise SeedFormatError(f"{where}pos_emb has {seq_len} positions and tok_emb {vocab} rows: not 1 class token + "
+    raise ConversionError(f"{where}pos_emb has {seq_len} positions and tok_emb {vocab} rows: not 1 class token + "
                           f"a square of image tokens with K={tokenizer.codebook_size} codes + mask + classes + null")
   return {"img_size": side * tokenizer.downsample_factor, "hidden_dim": int(hidden),
           "codebook_size": tokenizer.codebook_size, "f_factor": side, "depth": depth, "heads": heads,
@@ -147,19 +148,6 @@ def implied_maskgit(state: Mapping, tokenizer: TokenizerConfig, heads: int = SEE
 
 
 # Checks ------------------------------------------------------------------------------------------------------------
-def key_problems(config: MaskGITConfig, which: str, state: Mapping) -> list[str]:
-  """Missing, unexpected, mis-shaped and non-float entries of a seed state_dict for `config`."""
-  expected = {r.torch_key: tuple(seed_table.torch_shape(r)) for r in seed_table.param_table(config, which)}
-  got = {k: tuple(np.shape(v)) for k, v in state.items()}
-  problems = [f"missing: {k} (expected shape {s})" for k, s in expected.items() if k not in got]
-  problems += [f"unexpected: {k} (shape {s})" for k, s in got.items() if k not in expected]
-  problems += [f"wrong shape: {k}: got {got[k]}, expected {s}" for k, s in expected.items()
-               if k in got and got[k] != s]
-  problems += [f"wrong dtype: {k}: got {np.asarray(v).dtype}, expected a floating point type"
-               for k, v in state.items() if k in expected and np.asarray(v).dtype.kind != "f"]
-  return problems
-
-
 def field_differences(config: MaskGITConfig, implied: MaskGITConfig) -> list[str]:
   """The architecture fields (image_size, num_class, tokenizer.*, transformer.*) where the files differ."""
   differences = [f"{name}: the config has {getattr(config, name)!r}, the files imply {getattr(implied, name)!r}"
@@ -173,7 +161,7 @@ def field_differences(config: MaskGITConfig, implied: MaskGITConfig) -> list[str
 
 def check_files(config: MaskGITConfig, states: Mapping[str, Mapping], sources: Mapping[str, str],
                 implied: MaskGITConfig | None = None) -> None:
-  """Raises one SeedFormatError listing the config fields the files imply differently (when known) and every
+  """Raises one ConversionError listing the config fields the files imply differently (when known) and every
   key problem of every state_dict ({"transformer": ..., "tokenizer": ...})."""
   sections = []
   if implied is not None:
@@ -188,11 +176,8 @@ def check_files(config: MaskGITConfig, states: Mapping[str, Mapping], sources: M
       sections.append(f"{which}.arch: the config has {arch!r}; {sources.get(which, 'the files')} hold the seed "
                       f"family's {seed_table.ARCHS[which]!r}")
       continue
-    problems = key_problems(config, which, state)
-    if problems:
-      counts = {kind: sum(p.startswith(kind) for p in problems) for kind in ("missing", "unexpected", "wrong")}
-      sections.append(f"{which} weights in {sources.get(which, '?')} do not match the config: {counts['missing']} "
-                      f"missing, {counts['unexpected']} unexpected, {counts['wrong']} mis-shaped/typed\n  "
-                      + "\n  ".join(problems))
+    problem = message(config, which, state, "torch", sources.get(which, ""))
+    if problem:
+      sections.append(problem)
   if sections:
-    raise SeedFormatError("\n".join(sections))
+    raise ConversionError("\n".join(sections))

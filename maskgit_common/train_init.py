@@ -3,9 +3,9 @@
 docs/ARCHITECTURE.md, "Training recipes". Framework-free: numpy in, numpy out; the trainers turn an `InitPoint`
 into their own model and optimizer state (maskgit_torch/train.py, maskgit_jax/train.py).
 
-`read_init(path, config, num_examples)` reads any transformer checkpoint `conversion.read` accepts, and the seed's
-`MaskGIT/*.pth` (valeoai MaskGIT-pytorch v1, `Trainer.save_network`: iter, global_epoch, model_state_dict,
-optimizer_state_dict). From a seed file it takes, where the file has them:
+`read_init(path, config, num_examples)` reads any transformer checkpoint `conversion.read` accepts, the seed's
+`MaskGIT/*.pth` included (valeoai MaskGIT-pytorch v1, `Trainer.save_network`: iter, global_epoch, model_state_dict,
+optimizer_state_dict, in the Checkpoint's `extras["transformer"]`). From it, where the file has them:
   - the weights (the seed's state_dict keys are our torch keys; canonical weights through the seed table);
   - its AdamW state: `state[i] = {step, exp_avg, exp_avg_sq}` for the i-th parameter of the seed's order
     (`conversion.tables.seed.state_dict_order`), as canonical (JAX-layout) moments keyed like the weights, so the
@@ -18,8 +18,8 @@ The seed's own `--resume` loads the weights, iter and global_epoch but never the
 
 `write_seed(path, ...)`: the inverse, a `.pth` the seed's `main.py --resume` (and `MaskTransformer` +
 `torch.optim.AdamW`, strictly) loads: weights in the seed's key order, AdamW state with torch 2.x's param_group
-keys, iter = step * grad_accum, global_epoch = position // num_examples. Written through
-`conversion.seed_formats.write_transformer` (which imports torch inside to write the pickle).
+keys, iter = step * grad_accum, global_epoch = position // num_examples. Written through the weights layer
+(`conversion.write(..., format="seed")`, which imports torch inside to write the pickle).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import numpy as np
 from maskgit_common.errors import UserError
 
 TRANSFORMER = "transformer"
-SEED_EXPORT = os.path.join("seed", "current.pth")  # <workdir>/seed/current.pth: main.py --vit-folder <workdir>/seed/
+# <workdir>/seed/MaskGIT/current.pth: the seed's main.py --vit-folder <workdir>/seed/MaskGIT/ --resume reads it.
+SEED_EXPORT = os.path.join("seed", "MaskGIT", "current.pth")
 
 
 def seed_export_path(workdir: str) -> str:
@@ -73,41 +74,20 @@ class InitPoint:
             f"step {self.step}, data position {self.position}")
 
 
-def _is_seed_pickle(path: str) -> bool:
-  from conversion.formats.sniff import sniff  # pylint: disable=import-outside-toplevel
-  return os.path.isfile(path) and sniff(path) in ("torch_zip", "torch_pickle")
-
-
 def _read(path: str, config) -> tuple[dict, dict]:
-  """(canonical transformer weights, the file's extras) through conversion; the seed's .pth through its reader."""
+  """(canonical transformer weights, the file's transformer extras: iter, global_epoch, optimizer_state_dict)."""
   import conversion  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise InitError(f"--init {path}: no such file or directory")
-  if not _is_seed_pickle(path):
-    checkpoint = conversion.read(path, config, parts=(TRANSFORMER,), require=(TRANSFORMER,))
-    extras = checkpoint.extras or {}
-    return checkpoint.parts[TRANSFORMER], dict(extras.get(TRANSFORMER, extras))
-  from conversion import seed_formats  # pylint: disable=import-outside-toplevel
-  state, extras = seed_formats.read_transformer(path)
-  return conversion.from_torch_layout(config, TRANSFORMER, state, source=path), extras
+  checkpoint = conversion.read(path, config, parts=(TRANSFORMER,), require=(TRANSFORMER,))
+  return checkpoint.parts[TRANSFORMER], dict((checkpoint.extras or {}).get(TRANSFORMER, {}))
 
 
 def read_tokenizer(path: str, config) -> dict:
-  """Canonical tokenizer weights from any checkpoint `conversion.read` accepts, or the seed's VQGAN (a taming
-  `last.ckpt`, or a folder holding it with its model.yaml: `--tokenizer pretrained_maskgit/VQGAN`)."""
+  """Canonical tokenizer weights from any checkpoint `conversion.read` accepts (the seed's VQGAN folder or
+  last.ckpt too: `--tokenizer pretrained_maskgit/VQGAN`)."""
   import conversion  # pylint: disable=import-outside-toplevel
-  from conversion import seed_formats  # pylint: disable=import-outside-toplevel
-  try:
-    return conversion.read(path, config, parts=("tokenizer",), require=("tokenizer",)).parts["tokenizer"]
-  except conversion.CheckpointError:
-    try:
-      ckpt = seed_formats.find_seed_files(path).vqgan_ckpt
-    except seed_formats.SeedFormatError:
-      ckpt = None
-    if ckpt is None:
-      raise
-  state, _ = seed_formats.read_vqgan(ckpt)
-  return conversion.from_torch_layout(config, "tokenizer", state, source=ckpt)
+  return conversion.read(path, config, parts=("tokenizer",), require=("tokenizer",)).parts["tokenizer"]
 
 
 def _adam_from_seed(path: str, config, optimizer_state: dict) -> dict:
@@ -154,13 +134,13 @@ def seed_param_group(train, lr: float, num_params: int) -> dict:
 
 def write_seed(path: str, config, weights: dict, adam: dict | None, step: int, position: int, num_examples: int,
                lr: float) -> str:
-  """Writes the seed's `.pth` (module docstring) from canonical weights and Adam moments; returns the path."""
+  """Writes the seed's `.pth` (module docstring) at `path` = DIR/MaskGIT/NAME from canonical weights and Adam
+  moments, through the weights layer (`conversion.write(DIR, format="seed")`, DIR replaced atomically)."""
   import conversion  # pylint: disable=import-outside-toplevel
-  from conversion import seed_formats  # pylint: disable=import-outside-toplevel
   from conversion.tables import seed as seed_table  # pylint: disable=import-outside-toplevel
   order = seed_table.state_dict_order(config, TRANSFORMER)
-  state = conversion.to_torch_layout(config, TRANSFORMER, dict(weights))
-  extras = {"iter": int(step) * config.train.grad_accum, "global_epoch": int(position) // max(1, num_examples)}
+  extras = {"iter": int(step) * config.train.grad_accum, "global_epoch": int(position) // max(1, num_examples),
+            "file_name": os.path.basename(path)}
   if adam is not None:
     mu, nu = (conversion.to_torch_layout(config, TRANSFORMER, dict(adam[m])) for m in ("mu", "nu"))
     count = np.asarray(float(adam["count"]), np.float32)
@@ -168,5 +148,7 @@ def write_seed(path: str, config, weights: dict, adam: dict | None, step: int, p
         "state": {i: {"step": count.copy(), "exp_avg": np.asarray(mu[key], np.float32),
                       "exp_avg_sq": np.asarray(nu[key], np.float32)} for i, key in enumerate(order)},
         "param_groups": [seed_param_group(config.train, lr, len(order))]}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  return seed_formats.write_transformer(path, config, state, extras)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  conversion.write(root, config, {TRANSFORMER: weights}, format="seed", overwrite=True,
+                   extras={TRANSFORMER: extras})
+  return path

@@ -16,25 +16,23 @@ import numpy as np
 import conversion
 from conversion import PARTS, CheckpointError  # noqa: F401  (CheckpointError: the one checkpoint error, re-exported)
 from configs import MaskGITConfig
-from maskgit_jax.tokenizer import VQVAE
-from maskgit_jax.transformer import Transformer
-
-_MODELS = {"tokenizer": VQVAE, "transformer": Transformer}
+from maskgit_jax import families
 
 
 def make_model(config: MaskGITConfig, part: str, **kwargs):
-  """The flax module of `part` for this config (its variables come from `init_variables` or `from_flat`)."""
-  return _MODELS[part](config, **kwargs)
+  """The flax module of `part` for the config's family (families.model_class); its variables come from
+  `init_variables` or `from_flat`."""
+  return families.model_class(config, part)(config, **kwargs)
 
 
 def _dummy_input(config: MaskGITConfig, part: str):
   if part == "tokenizer":
-    return jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return jnp.zeros((1, config.image_size, config.image_size, config.tokenizer.in_channels), jnp.float32)
   return jnp.zeros((1, config.seq_len), jnp.int32)
 
 
 def init_variables(config: MaskGITConfig, part: str, rng: jax.Array) -> dict:
-  """Freshly initialised {"params": ...} for `part`, with the official initializers."""
+  """Freshly initialised {"params": ...} for `part`, with its family's initializers."""
   return dict(make_model(config, part).init(rng, _dummy_input(config, part)))
 
 

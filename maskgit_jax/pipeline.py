@@ -17,16 +17,15 @@ import numpy as np
 from configs import MaskGITConfig
 from maskgit_common import decode_inputs
 from maskgit_common.token_layout import token_layout
-from maskgit_jax import checkpoint, sampler
+from maskgit_jax import checkpoint, families, sampler
 from maskgit_jax import device as device_lib
-from maskgit_jax.tokenizer import VQVAE
-from maskgit_jax.transformer import Transformer
 
 PRECISIONS = ("parity", "fast")
 
 
 class MaskGIT(decode_inputs.Generation):
-  """A tokenizer + transformer pair (flax variables) with the config that built them."""
+  """A tokenizer + transformer pair (flax variables) of the config's family (maskgit_jax/families.py: the official
+  VQVAE + Transformer, or the seed's taming VQModel + MaskTransformer) with the config that built them."""
 
   def __init__(self, config: MaskGITConfig, tokenizer_variables, transformer_variables, device: str = "auto",
                precision: str = "parity"):
@@ -41,11 +40,15 @@ class MaskGIT(decode_inputs.Generation):
     self.tokenizer_variables = jax.device_put(tokenizer_variables, self.device)
     self.transformer_variables = (jax.device_put(transformer_variables, self.device)
                                   if transformer_variables is not None else None)
-    tokenizer, transformer = VQVAE(config, dtype=dtype), Transformer(config, dtype=dtype)
-    k = token_layout(config).sample_width  # the columns the decoder samples (official: the K codes)
+    # The config's family (families.model_class): the official VQVAE + Transformer, or the seed's taming VQModel +
+    # MaskTransformer; both tokenizers take and give images on the [0, 1] scale, the layout says the rest.
+    tokenizer_cls, transformer_cls = families.model_class(config, "tokenizer"), families.model_class(config,
+                                                                                                     "transformer")
+    tokenizer, transformer = tokenizer_cls(config, dtype=dtype), transformer_cls(config, dtype=dtype)
+    k = token_layout(config).sample_width  # the columns the decoder samples (official: the K codes; seed: K + 1)
     self._logits = jax.jit(lambda v, ids: transformer.apply(v, ids)[..., :k].astype(jnp.float32))
-    self._encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method=VQVAE.encode_to_indices))
-    self._decode = jax.jit(lambda v, c: tokenizer.apply(v, c, method=VQVAE.decode_from_indices).astype(
+    self._encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method=tokenizer_cls.encode_to_indices))
+    self._decode = jax.jit(lambda v, c: tokenizer.apply(v, c, method=tokenizer_cls.decode_from_indices).astype(
         jnp.float32))
 
     def decode_program(variables, init_ids, noise, num_iter, start_iter, model_config):

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 import conversion
 from conversion import PARTS, CheckpointError  # noqa: F401  (CheckpointError: the one checkpoint error, re-exported)
+from conversion.formats.torch_pickle import to_numpy, to_tensor
 from configs import MaskGITConfig
-from maskgit_torch.tokenizer import VQVAE
-from maskgit_torch.transformer import Transformer
-
-_MODELS = {"tokenizer": VQVAE, "transformer": Transformer}
+from maskgit_torch import families
 
 
 def make_model(config: MaskGITConfig, part: str, **kwargs) -> nn.Module:
-  """The module of `part` for this config (official initialisation from torch's global RNG)."""
-  return _MODELS[part](config, **kwargs)
+  """The module of `part` for the config's family (families.model_class), initialised as that family's reference
+  code does, from torch's global RNG."""
+  return families.model_class(config, part)(config, **kwargs)
 
 
 def expected_shapes(config: MaskGITConfig, part: str) -> dict:
@@ -32,25 +30,9 @@ def expected_shapes(config: MaskGITConfig, part: str) -> dict:
     return {k: tuple(v.shape) for k, v in make_model(config, part).state_dict().items()}
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
-  if x.dtype.name == "bfloat16":  # numpy has no native bfloat16 (ml_dtypes): move its bits
-    return torch.from_numpy(np.array(x).view(np.uint16)).view(torch.bfloat16)
-  return torch.from_numpy(x if x.flags.writeable else np.array(x))  # never alias a read-only file buffer
-
-
-def _numpy(t) -> np.ndarray:
-  if not isinstance(t, torch.Tensor):
-    return np.asarray(t)
-  t = t.detach().to("cpu")
-  if t.dtype == torch.bfloat16:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-  return t.numpy()
-
-
 def _state_dict(config: MaskGITConfig, part: str, flat: dict, consume: bool) -> dict:
   state = conversion.to_torch_layout(config, part, flat, consume=consume)
-  return {k: _tensor(state.pop(k)) for k in list(state)}
+  return {k: to_tensor(state.pop(k)) for k in list(state)}
 
 
 def from_flat(config: MaskGITConfig, part: str, flat: dict) -> dict:
@@ -61,7 +43,7 @@ def from_flat(config: MaskGITConfig, part: str, flat: dict) -> dict:
 def to_flat(config: MaskGITConfig, part: str, weights) -> dict:
   """An nn.Module or a state dict -> canonical weights (numpy; identity-layout arrays may share the tensors' memory)."""
   state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
-  return conversion.from_torch_layout(config, part, {k: _numpy(v) for k, v in state.items()})
+  return conversion.from_torch_layout(config, part, {k: to_numpy(v) for k, v in state.items()})
 
 
 def _module_from_flat(config: MaskGITConfig, part: str, flat: dict) -> nn.Module:

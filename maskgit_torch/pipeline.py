@@ -19,16 +19,15 @@ from maskgit_common import decode_inputs
 from maskgit_common.token_layout import token_layout
 from maskgit_torch import checkpoint, sampler
 from maskgit_torch import device as device_lib
-from maskgit_torch.tokenizer import VQVAE
-from maskgit_torch.transformer import Transformer
 
 PRECISIONS = ("parity", "fast")
 
 
 class MaskGIT(decode_inputs.Generation):
-  """A tokenizer + transformer pair with the config that built them."""
+  """A tokenizer + transformer pair of the config's family (maskgit_torch/families.py: the official VQVAE +
+  Transformer, or the seed's taming VQModel + MaskTransformer) with the config that built them."""
 
-  def __init__(self, config: MaskGITConfig, tokenizer: VQVAE, transformer: Transformer | None,
+  def __init__(self, config: MaskGITConfig, tokenizer: torch.nn.Module, transformer: torch.nn.Module | None,
                device: str | torch.device = "auto", precision: str = "parity", torch_compile: bool | str = False):
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -74,7 +73,7 @@ class MaskGIT(decode_inputs.Generation):
       return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-  def _require_transformer(self) -> Transformer:
+  def _require_transformer(self) -> torch.nn.Module:
     if self.transformer is None:
       raise ValueError("this checkpoint holds only a tokenizer: generation and editing need a transformer")
     return self.transformer

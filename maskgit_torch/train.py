@@ -25,7 +25,7 @@ official and the seed's values of every field are configs/recipes.py):
              scaled gradients overflow is skipped, as the scaler does), float32 elsewhere as the seed on a CPU
 Checkpoints: maskgit_torch/train_state.py (model, optimizer, EMA and the loss scale in one state.safetensors; no
 pickle). At every checkpoint the portable directory `export/` (config.json + tokenizer.safetensors +
-transformer.safetensors) is refreshed, and for the seed family `seed/current.pth`, the seed's own file
+transformer.safetensors) is refreshed, and for the seed family `seed/MaskGIT/current.pth`, the seed's own file
 (maskgit_common/train_init.py: its main.py --resume continues from it). `init`: start from another checkpoint
 (run.py --init, a seed .pth with its AdamW state, iter and epoch). Tokenizer weights: `training.find_tokenizer`
 (explicit path, else <workdir>/tokenizer, else random).

@@ -33,7 +33,7 @@ registered in `CHECKS` below. Each check takes a backend adapter (`checks_jax.Ja
 
 import numpy as np
 
-from parity_tests import seed_train_checks
+from parity_tests import seed_checks, seed_train_checks
 from parity_tests.case import compare_all, result
 
 # Forward order of the captured intermediates (FORMAT.md, transformer_intermediates.npz): the first module whose
@@ -220,8 +220,10 @@ def check_edit(b, case):
 
 
 # The implemented checks, by (case format, check kind) of parity_tests/plan.py. A declared check missing here is
-# reported as "not yet" (failed), never skipped; the backends add their own (checks_torch: conversion.roundtrip).
+# reported as "not yet" (failed), never skipped; the backends add their own (checks_torch: conversion.roundtrip),
+# the seed format's are seed_checks.CHECKS.
 CHECKS = {
+    **seed_checks.CHECKS,
     ("official", "tokenizer.codes"): check_tokenizer_codes,
     ("official", "tokenizer.decode"): check_tokenizer_decode,
     ("official", "transformer.logits"): check_transformer_logits,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import device as device_lib
-from parity_tests import intermediates
+from parity_tests import intermediates, plan, seed_checks
 from parity_tests.checks import DECODE_FIELDS
 
 NAME = "jax"
@@ -75,6 +75,9 @@ class Session:
     jax.config.update("jax_default_matmul_precision", self._previous)
 
   def open(self, case):
+    """The case's adapter: the official family's here, the seed's (seed_checks.open_backend) for a seed case."""
+    if plan.case_format(case).name == "seed":
+      return seed_checks.open_backend(NAME, case, self.device)
     return JaxCase(case, self.device)
 
 

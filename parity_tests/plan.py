@@ -9,7 +9,7 @@ Implementations are registered by (format name, check kind) in `checks.CHECKS` a
 
 Formats (their file lists are the fixture FORMAT.md files):
   official  google-research/maskgit fixtures (parity_tests/data/FORMAT.md): config.json with `vqvae`/`transformer`
-  seed      valeoai MaskGIT-pytorch v1 fixtures (the seed fixtures' FORMAT.md): config.json with `maskgit`/`vqgan`
+  seed      valeoai MaskGIT-pytorch v1 fixtures (parity_tests/data/SEED_FORMAT.md): config.json with `maskgit`/`vqgan`
 
 A new format is one more `CaseFormat` in FORMATS: how to recognise it and the checks it declares.
 """
@@ -115,7 +115,7 @@ def _seed_checks(config, case):
 
 
 SEED = CaseFormat(
-    name="seed", reference="the seed fixtures' FORMAT.md",
+    name="seed", reference="parity_tests/data/SEED_FORMAT.md",
     files=("config.json", _PTH, _CKPT, _YAML, "tokenizer_io.npz", "transformer_io.npz", "sample_<variant>.npz",
            "train_step.npz"),
     recognise=lambda config, case: ("maskgit" in config and "vqgan" in config) if config is not None

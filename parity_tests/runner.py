@@ -81,10 +81,14 @@ def _run_backend(backend, cases, results, device, precision, verbose):
   implementations = {**checks.CHECKS, **getattr(module, "CHECKS", {})}
   with session:
     for case in cases:
-      b = session.open(case)
+      try:
+        b = session.open(case)
+      except Exception as e:  # pylint: disable=broad-except
+        b = e  # every check of this case fails with it, and the run goes on
       for planned in plan.planned_checks(case, backend):
         record(case, planned.report_name(backend),
-               lambda planned=planned, b=b, case=case: evaluate(planned, b, case, implementations))
+               lambda planned=planned, b=b, case=case: _raise(b) if isinstance(b, Exception)
+               else evaluate(planned, b, case, implementations))
   return session.description
 
 

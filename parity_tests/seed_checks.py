@@ -1,27 +1,31 @@
-"""The parity checks of one seed case (valeoai MaskGIT-pytorch v1 fixtures: parity_tests/data_seed/FORMAT.md),
+"""The parity checks of one seed case (valeoai MaskGIT-pytorch v1 fixtures: parity_tests/data/SEED_FORMAT.md),
 written once for both backends, against the seed's own code.
 
-A seed case is recognised from its files (`MaskGIT/current.pth`, `VQGAN/last.ckpt`, `VQGAN/model.yaml`). Its
-checkpoints are read through `conversion.seed_formats` with the config the case's config.json gives in the seed's
-own names (`maskgit`: MaskTransformer's arguments, `vqgan`: model.yaml's params), exactly as a user with those
-files and settings would. Each check takes a backend adapter (`seed_torch.SeedTorchCase`, `seed_jax.SeedJaxCase`:
-numpy in, numpy out, NCHW as the fixtures) and a `case.Case`, and returns one report entry (`case.result`):
+A seed case (parity_tests/plan.py: config.json with the seed's `maskgit` / `vqgan` sections, MaskGIT/current.pth,
+VQGAN/last.ckpt + model.yaml) is loaded as a user would load those files: `conversion.read(case, config)` through
+the backend's `checkpoint.load_checkpoint`, with the config config.json gives in the seed's own names (`maskgit`:
+MaskTransformer's arguments, `vqgan`: model.yaml's params; the head count is in no file). Each check takes a
+backend adapter (`seed_torch.SeedTorchCase`, `seed_jax.SeedJaxCase`: numpy in, numpy out, NCHW as the fixtures)
+and a `case.Case`, and returns one report entry (`case.result`); `CHECKS` registers them for the runner:
 
 - `<backend>.tokenizer.codes`: `encode_to_indices(images_01)` (the family-common interface) and the seed-style
   `encode(images)` both give `codes` exactly; encoder_output, quant_conv_output, quantized and emb_loss within the
   backend's decode bound (detail), and the codebook distances' error against the smallest argmin margin.
 - `<backend>.tokenizer.decode`: `decode_code(codes)`, `decode_code(random_codes)` and `decode(quantized)` within
   1e-5 (torch) / 1e-4 (JAX) of the seed's, and the common `decode_from_indices` on the [0, 1] scale. torch runs on
-  the CPU thread count the case records (its kernels round by thread count; see seed_torch._reference_threads).
+  the CPU thread count the case records (its kernels round by thread count; see seed_torch.reference_threads).
 - `<backend>.transformer.logits`: every input set of transformer_io.npz, all rows and positions, within
   1e-6 * max(1, max|logits|) (torch) / 1e-5 * max(1, max|logits|) (JAX) per set; the ids are built with the token
   layout (class token last, null class for dropped labels). The row-0 intermediates (forward hooks / flax
   capture_intermediates, by module name) are compared in forward order as diagnosis: the first one off is named.
-- `conversion.roundtrip`: seed files -> torch state_dict (loaded strictly into maskgit_torch) -> JAX tree (the
-  shapes of maskgit_jax's init) -> seed files written by `conversion.seed_formats` -> read back: every tensor,
-  the AdamW state, iter/epoch and the yaml bit-identical.
-Sampler trajectories (`sample_<variant>.npz`) and the training step (`train_step.npz`) come with the next issues:
-`pending_checks` names them, for the runner to report as "not yet".
+- `<backend>.sample.<variant>.tokens` / `.images`: parity_tests/seed_sample_checks.py, with the case's seed
+  transformer and VQGAN.
+- `conversion.roundtrip`: seed files -> our torch directory (loaded strictly into maskgit_torch) -> our JAX
+  directory (its trees = maskgit_jax's parameters) -> seed files, every step `conversion.convert` as `run.py
+  convert` does it; the final files read back bit-identical to the case's: every tensor, the AdamW state, iter,
+  epoch, the lightning entries and the model.yaml text.
+- `<backend>.train.step` (train_step.npz): not implemented here yet, so the runner reports it NOT YET; it is one
+  entry of `CHECKS`.
 """
 
 import importlib
@@ -30,10 +34,10 @@ import tempfile
 
 import numpy as np
 
+from parity_tests import seed_sample_checks
 from parity_tests.case import compare_all, result
 
 SEED_FILES = ("MaskGIT/current.pth", "VQGAN/last.ckpt", "VQGAN/model.yaml")
-CHECKS = ("tokenizer.codes", "tokenizer.decode", "transformer.logits")
 ADAPTERS = {"torch": "parity_tests.seed_torch", "jax": "parity_tests.seed_jax"}
 
 # Row-0 intermediates of transformer_io.npz in forward order: (fixture key, torch module, flax module path).
@@ -54,13 +58,7 @@ INTERMEDIATES = (
     ("l0_row0_logits", "", "output"),
 )
 
-_CHECKPOINTS = {}  # _fingerprint(case) -> conversion.seed_formats.SeedCheckpoint
 _OPENED = {}  # (backend, _fingerprint(case), device) -> adapter
-
-
-def is_seed_case(case) -> bool:
-  """A seed case holds the seed's checkpoint files (and its config.json the seed's `maskgit` / `vqgan` sections)."""
-  return any(case.has(f) for f in SEED_FILES) or {"maskgit", "vqgan"} <= set(case.official)
 
 
 def case_config(case):
@@ -82,39 +80,13 @@ def _fingerprint(case):
   return case.path, tuple((st.st_size, st.st_mtime_ns) for st in stats)
 
 
-def checkpoint(case):
-  """The case's seed files, read and checked through conversion.seed_formats (once per process and content)."""
-  key = _fingerprint(case)
-  if key not in _CHECKPOINTS:
-    from conversion import seed_formats  # pylint: disable=import-outside-toplevel
-    _CHECKPOINTS[key] = seed_formats.read_seed(case.path, case_config(case))
-  return _CHECKPOINTS[key]
-
-
 def open_backend(name, case, device="cpu"):
-  """The backend adapter ("torch" or "jax") for this case, opened once per process (models loaded on first use);
-  its module is imported only now."""
+  """The backend adapter ("torch" or "jax") for this case, opened once per process and device (models loaded on
+  first use; the runner and the tests share it, so JAX compiles once); its module is imported only now."""
   key = (name, _fingerprint(case), str(device))
   if key not in _OPENED:
     _OPENED[key] = importlib.import_module(ADAPTERS[name]).open_case(case, device)
   return _OPENED[key]
-
-
-def pending_checks(case, backends):
-  """Checks this seed case's files call for that are not implemented yet (sampler, training: the next issues)."""
-  variants = sorted(f[len("sample_"):-len(".npz")] for f in os.listdir(case.path)
-                    if f.startswith("sample_") and f.endswith(".npz"))
-  names = []
-  for b in backends:
-    names += [f"{b}.sample.{v}.{what}" for v in variants for what in ("tokens", "images")]
-    if case.has("train_step.npz"):
-      names.append(f"{b}.train.step")
-  return names
-
-
-def _missing(case, *files):
-  absent = [f for f in files if not case.has(f)]
-  return result(False, None, None, f"missing input file(s) {absent}") if absent else None
 
 
 def _nhwc(x):
@@ -123,9 +95,6 @@ def _nhwc(x):
 
 # Tokenizer ---------------------------------------------------------------------------------------------------------
 def check_codes(b, case):
-  missing = _missing(case, "tokenizer_io.npz")
-  if missing:
-    return missing
   io = case.npz("tokenizer_io.npz")
   common = b.encode_to_indices(_nhwc(io["images_01"]))
   ours = b.encode(io["images"])
@@ -142,9 +111,6 @@ def check_codes(b, case):
 
 
 def check_decode(b, case):
-  missing = _missing(case, "tokenizer_io.npz")
-  if missing:
-    return missing
   io = case.npz("tokenizer_io.npz")
   named = [("reconstruction", b.decode_code(io["codes"]), io["reconstruction"]),
            ("random_codes_decoded", b.decode_code(io["random_codes"]), io["random_codes_decoded"]),
@@ -163,12 +129,9 @@ def input_ids(layout, io, name):
 
 
 def check_logits(b, case):
-  missing = _missing(case, "transformer_io.npz")
-  if missing:
-    return missing
   from maskgit_common.token_layout import token_layout  # pylint: disable=import-outside-toplevel
   io = case.npz("transformer_io.npz")
-  layout = token_layout(checkpoint(case).config)
+  layout = token_layout(case_config(case))
   passed, worst, notes, bound = True, 0.0, [], 0.0
   for name in [str(n) for n in io["input_sets"]]:
     ref = io[f"{name}_logits"]
@@ -200,64 +163,97 @@ def _row0_diagnosis(b, io):
   return f"row-0 intermediates: all {compared} compared within the bound"
 
 
-def run_backend_checks(b, case, run_check):
-  """Runs the seed checks of one backend adapter through `run_check(name, fn)` (which records exceptions)."""
-  run_check(f"{b.name}.tokenizer.codes", lambda: check_codes(b, case))
-  run_check(f"{b.name}.tokenizer.decode", lambda: check_decode(b, case))
-  run_check(f"{b.name}.transformer.logits", lambda: check_logits(b, case))
-
-
 # Conversion --------------------------------------------------------------------------------------------------------
-def _identical(a, b):
+def same_tree(a, b):
   """Bitwise equality of nested extras (arrays by dtype, shape and bytes; containers by keys and order)."""
-  if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+  if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):
     a, b = np.asarray(a), np.asarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
   if isinstance(a, dict):
-    return isinstance(b, dict) and list(a) == list(b) and all(_identical(a[k], b[k]) for k in a)
+    return isinstance(b, dict) and list(a) == list(b) and all(same_tree(a[k], b[k]) for k in a)
   if isinstance(a, (list, tuple)):
-    return type(a) is type(b) and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
   return type(a) is type(b) and a == b
 
 
+def _comparable_extras(extras):
+  """Lightning's callback states are keyed by its ModelCheckpoint class, which cannot be pickled without lightning:
+  last.ckpt is written with `callbacks: {}` (the seed reads only `state_dict`). Every other extra must match."""
+  return {part: {k: v for k, v in values.items() if k != "callbacks"} for part, values in extras.items()}
+
+
 def check_roundtrip(case):
-  """seed files -> torch (strict load) -> JAX tree -> seed files -> read again: everything bit-identical."""
+  """seed files -> torch directory -> JAX directory -> seed files, each step `conversion.convert` (module doc)."""
+  import conversion  # pylint: disable=import-outside-toplevel
   from conversion import seed_formats  # pylint: disable=import-outside-toplevel
-  from conversion.tables import seed as seed_table  # pylint: disable=import-outside-toplevel
-  from parity_tests import seed_torch  # pylint: disable=import-outside-toplevel
-  original = checkpoint(case)
-  config, notes, bad = original.config, [], []
-  torch_state = seed_torch.strict_state_dicts(config, original.weights)  # via maskgit_torch, load_state_dict(strict)
-  jax_trees = {w: {r.jax_path: seed_table.to_jax(r, torch_state[w][r.torch_key])
-                   for r in seed_table.param_table(config, w)} for w in torch_state}
-  jax_ok, jax_note = _check_jax_shapes(config, jax_trees)
-  notes.append(jax_note)
-  back = {w: {r.torch_key: seed_table.to_torch(r, tree[r.jax_path]) for r in seed_table.param_table(config, w)}
-          for w, tree in jax_trees.items()}
+  config, notes = case_config(case), []
   with tempfile.TemporaryDirectory() as tmp:
-    seed_formats.write_seed(os.path.join(tmp, "seed"), config, back, original.extras)
+    steps = [(case.path, "torch"), (os.path.join(tmp, "torch"), "jax"), (os.path.join(tmp, "jax"), "seed")]
+    for src, to in steps:  # the config travels in the torch and JAX directories' config.json
+      conversion.convert(src, os.path.join(tmp, to), to=to, config=config if src == case.path else None)
+    notes.append(_strict_torch_load(os.path.join(tmp, "torch")))
+    jax_ok, jax_note = _jax_trees_are_maskgit_jax(os.path.join(tmp, "jax"))
+    notes.append(jax_note)
+    original = seed_formats.read_seed(case.path, config)
     again = seed_formats.read_seed(os.path.join(tmp, "seed"), config)
+    yaml_same = _text(original.files.vqgan_yaml) == _text(again.files.vqgan_yaml)
+  bad = [] if yaml_same else ["model.yaml text"]
   for which, state in original.weights.items():
-    differ = [k for k in state if not _identical(state[k], again.weights[which].get(k))]
-    # Lightning's callback states are keyed by its ModelCheckpoint class, which cannot be pickled without
-    # lightning: last.ckpt is written with `callbacks: {}` (the seed reads only `state_dict`). All else must match.
-    kept = lambda extras: {k: v for k, v in extras.get(which, {}).items() if k != "callbacks"}
-    extras_same = _identical(kept(original.extras), kept(again.extras))
+    differ = [k for k in state if not same_tree(state[k], again.weights[which].get(k))]
+    differ += [k for k in again.weights[which] if k not in state]
+    extras_same = same_tree(_comparable_extras(original.extras).get(which),
+                            _comparable_extras(again.extras).get(which))
     bad += differ + ([] if extras_same else [f"{which} extras"])
     notes.append(f"{which}: {len(state)} tensors" + (f", {len(differ)} differ {differ[:3]}" if differ else
-                                                     " bit-identical") + ("" if extras_same else ", extras differ"))
+                                                     " bit-identical") + (", extras identical" if extras_same else
+                                                                          ", extras differ"))
+  notes.append("model.yaml text identical" if yaml_same else "model.yaml text differs")
   passed = jax_ok and not bad
-  return result(passed, 0.0 if passed else None, 0, "; ".join(notes))
+  return result(passed, 0.0 if passed else None, 0, "seed -> torch -> jax -> seed (conversion.convert): "
+                + "; ".join(notes))
 
 
-def _check_jax_shapes(config, jax_trees):
-  """The converted trees against maskgit_jax's own parameter shapes (jax.eval_shape: nothing allocated)."""
+def _text(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _strict_torch_load(torch_dir):
+  """The torch directory loads into maskgit_torch's seed modules with load_state_dict(strict=True)."""
   try:
-    from parity_tests import seed_jax  # pylint: disable=import-outside-toplevel
+    from maskgit_torch import checkpoint  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # a JAX-only install: the conversion itself needs no torch for this step
+    return f"torch directory not loaded into maskgit_torch ({e})"
+  _, modules = checkpoint.load_checkpoint(torch_dir)
+  return "torch directory loads strictly into " + ", ".join(type(m).__name__ for m in modules.values())
+
+
+def _jax_trees_are_maskgit_jax(jax_dir):
+  """The JAX directory's trees have exactly maskgit_jax's parameters (jax.eval_shape: nothing allocated)."""
+  import conversion  # pylint: disable=import-outside-toplevel
+  try:
+    from maskgit_jax import checkpoint  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # a torch-only install: the table alone defines the tree
     return True, f"JAX trees not compared with maskgit_jax ({e})"
-  differ = {w: sorted(set(seed_jax.param_shapes(config, w).items())
-                      ^ {(k, tuple(np.shape(v))) for k, v in tree.items()}) for w, tree in jax_trees.items()}
-  if any(differ.values()):
+  ck = conversion.read(jax_dir)
+  differ = {}
+  for part, flat in ck.parts.items():
+    expected = {k: tuple(v.shape) for k, v in conversion.flatten(checkpoint.expected_shapes(ck.config, part)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    if got != expected:
+      differ[part] = sorted(set(got.items()) ^ set(expected.items()))[:4]
+  if differ:
     return False, f"JAX trees differ from maskgit_jax's parameters: {differ}"
-  return True, "JAX trees: " + ", ".join(f"{w} {len(t)} leaves" for w, t in jax_trees.items()) + " = maskgit_jax's"
+  return True, "JAX trees: " + ", ".join(f"{p} {len(t)} leaves" for p, t in ck.parts.items()) + " = maskgit_jax's"
+
+
+# The implemented checks of the seed format, by check kind (parity_tests/plan.py declares them, the runner looks
+# them up here). "train.step" is not here yet: the runner reports it NOT YET until it is added as one entry.
+CHECKS = {
+    ("seed", "tokenizer.codes"): check_codes,
+    ("seed", "tokenizer.decode"): check_decode,
+    ("seed", "transformer.logits"): check_logits,
+    ("seed", "sample.tokens"): lambda b, case, variant: seed_sample_checks.check_sample_tokens(b, case, variant),
+    ("seed", "sample.images"): lambda b, case, variant: seed_sample_checks.check_sample_images(b, case, variant),
+    ("seed", "conversion.roundtrip"): lambda b, case: check_roundtrip(case),
+}

@@ -1,51 +1,25 @@
 """JAX side of the seed checks (`seed_checks.py`): maskgit_jax's seed family behind numpy in / numpy out.
 
-Never imports torch. The case's seed files come through `conversion.seed_formats` (numpy) and
-`conversion.seed_table` into flax trees, checked leaf by leaf against the modules' own shapes. Intermediates come
-from flax `capture_intermediates`, keyed by module path (`seed_checks.INTERMEDIATES`). The adapter speaks NCHW, as
-the fixtures; the models are NHWC.
+Never imports torch. The case's seed files are loaded as a user would: `maskgit_jax.checkpoint.load_checkpoint`
+(`conversion.read` -> the seed table -> flax variables, checked against the config). Intermediates come from flax
+`capture_intermediates`, keyed by module path (`seed_checks.INTERMEDIATES`). The adapter speaks NCHW, as the
+fixtures; the models are NHWC.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.tables import seed as seed_table
-import conversion
+from maskgit_jax import checkpoint, families
 from maskgit_jax import device as device_lib
-from maskgit_jax.seed_transformer import MaskTransformer
-from maskgit_jax.taming import VQModel
 from parity_tests.intermediates import flatten_flax
 from parity_tests import seed_checks
 
 NAME = "jax"
 LOGITS_REL_TOLERANCE = 1e-5  # x max(1, max|logits|): across frameworks
 DECODE_TOLERANCE = 1e-4
-MODULES = {"transformer": MaskTransformer, "tokenizer": VQModel}
-
-
-def _dummy_input(config, which):
-  if which == "tokenizer":
-    return jnp.zeros((1, config.image_size, config.image_size, config.tokenizer.in_channels), jnp.float32)
-  return jnp.zeros((1, config.seq_len), jnp.int32)
-
-
-def param_shapes(config, which):
-  """{flat 'params/...' path: shape} of the module's own init, via jax.eval_shape (nothing is allocated)."""
-  model = MODULES[which](config)
-  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_input(config, which)))
-  return {k: tuple(v.shape) for k, v in conversion.flatten(tree).items()}
-
-
-def variables(config, which, state):
-  """A seed state_dict ({torch key: np.ndarray}) -> {"params": ...} for maskgit_jax, through the table."""
-  flat = {r.jax_path: seed_table.to_jax(r, state[r.torch_key]) for r in seed_table.param_table(config, which)}
-  expected = param_shapes(config, which)
-  got = {k: tuple(v.shape) for k, v in flat.items()}
-  if got != expected:
-    differ = sorted(set(got.items()) ^ set(expected.items()))
-    raise ValueError(f"{which}: the table's tree differs from maskgit_jax's: {differ[:6]}")
-  return conversion.unflatten(flat)
 
 
 def _nchw(x):
@@ -65,8 +39,9 @@ def _jitted(config, which, method, capture):
   """model.apply(variables, x, method=method) jitted; with `capture`, also the intermediates (by module path)."""
   key = (config, which, method, capture)
   if key not in _JITTED:
-    model = MODULES[which](config)
-    fn = getattr(MODULES[which], method) if isinstance(method, str) else method
+    cls = families.model_class(config, which)
+    model = cls(config)
+    fn = getattr(cls, method) if isinstance(method, str) else method
     kwargs = {"capture_intermediates": True, "mutable": ["intermediates"]} if capture else {}
     _JITTED[key] = jax.jit(lambda v, x: model.apply(v, x, method=fn, **kwargs))
   return _JITTED[key]
@@ -89,14 +64,21 @@ class SeedJaxCase:
   def __init__(self, case, device=None):
     self.case = case
     self.device = device
-    self._variables = {}
-    self.config = seed_checks.checkpoint(case).config
+    self._variables = None
+
+  @property
+  def config(self):
+    return seed_checks.case_config(self.case)  # read when first needed: opening never fails
 
   def variables(self, which):
-    if which not in self._variables:
-      tree = variables(self.config, which, seed_checks.checkpoint(self.case).weights[which])
-      self._variables[which] = jax.device_put(tree, self.device) if self.device is not None else tree
+    """The case's `which` variables, both loaded on first use (on the adapter's device)."""
+    if self._variables is None:
+      _, variables = checkpoint.load_checkpoint(self.case.path, self.config)
+      self._variables = jax.device_put(variables, self.device) if self.device is not None else variables
     return self._variables[which]
+
+  def reference_threads(self):
+    return contextlib.nullcontext()  # XLA's CPU kernels do not round by thread count
 
   def _apply(self, which, method, x, capture=False):
     return _jitted(self.config, which, method, capture)(self.variables(which), jnp.asarray(x))
@@ -126,6 +108,13 @@ class SeedJaxCase:
 
   def logits(self, ids):
     return np.asarray(self._apply("transformer", None, ids))
+
+  @property
+  def tokens_to_logits(self):
+    """The decoder's model call (JAX in, JAX out): (N, S) ids -> (N, L, K + 1) logits. The variables are loaded
+    here, outside the decoder's traced loop (a load inside it would leak tracers)."""
+    fn, variables = _jitted(self.config, "transformer", None, False), self.variables("transformer")
+    return lambda ids: fn(variables, ids)
 
   def intermediates(self, ids):
     _, state = self._apply("transformer", None, ids, capture=True)

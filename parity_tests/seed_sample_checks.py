@@ -1,13 +1,15 @@
 """Parity checks of the seed's sampler: `<backend>.sample.<variant>.tokens` and `<backend>.sample.<variant>.images`
-for each `sample_<variant>.npz` of a seed case (golden_seed FORMAT.md, "sample_<variant>.npz").
+for each `sample_<variant>.npz` of a seed case (parity_tests/data/SEED_FORMAT.md, "sample_<variant>.npz").
 
 The backend's `decode_with_config` with `sampler.decoder=seed` (the record's call parameters, `seed_sampler`) runs
 from the record's initial codes with the record's draws injected (`RecordedNoise(draws_categorical_gumbel,
-draws_np_gumbel, draws_rand_like)`), on the caller's `tokens_to_logits` (the backend's seed transformer, or for
-the variants that record the transformer outputs, `replay_logits`). Tokens: the executed step count, every step's
-input codes and mask, raw predictions (`l_codes`), t after the batch clip, mask and codes after the step, and the
-final codes before and after the clamp are identical. Images: the caller's `decode_code` of our final tokens
-against the record's images, within 1e-5 (torch) / 1e-4 (JAX). Framework-free; each backend is imported lazily.
+draws_np_gumbel, draws_rand_like)`), on a `tokens_to_logits`: in the runner the case's seed transformer as the
+backend loads it (`check_sample_tokens` / `check_sample_images` with a seed adapter), in tests also
+`replay_logits` (the transformer outputs the default and inpaint variants record). Tokens: the executed step count,
+every step's input codes and mask, raw predictions (`l_codes`), t after the batch clip, mask and codes after the
+step, and the final codes before and after the clamp are identical. Images: the case's VQGAN `decode_code` of our
+final tokens against the record's images, within 1e-5 (torch) / 1e-4 (JAX). Framework-free; each backend is
+imported lazily.
 """
 
 from __future__ import annotations
@@ -116,6 +118,34 @@ def check_variant(backend: str, case_dir: str, variant: str, tokens_to_logits, d
     images = np.asarray(decode_code(ours["final_code_clamped"]))
     entries[f"{backend}.sample.{variant}.images"] = check_images(images, record, backend)
   return entries
+
+
+def _sampled(b, case, variant: str):
+  """(record, our trajectory, our images) of one variant with the adapter's model, run once per adapter: the
+  tokens and images checks share it. The whole decode runs on the fixture's torch thread count (its logits then
+  round exactly as the seed's; seed_torch.reference_threads)."""
+  cache = b.__dict__.setdefault("_sampled", {})
+  stat = os.stat(case.file(f"sample_{variant}.npz"))
+  key = (case.path, variant, stat.st_size, stat.st_mtime_ns)  # a changed record is run again
+  if key not in cache:
+    record = case.npz(f"sample_{variant}.npz")
+    with b.reference_threads():
+      ours = run_sample(b.name, record, b.tokens_to_logits, case_layout(case.path, record))
+      images = np.asarray(b.decode_code(ours["final_code_clamped"]))
+    cache[key] = record, ours, images
+  return cache[key]
+
+
+def check_sample_tokens(b, case, variant: str) -> dict:
+  """`<backend>.sample.<variant>.tokens` with the case's seed transformer (adapter `b`: seed_torch / seed_jax)."""
+  record, ours, _ = _sampled(b, case, variant)
+  return check_tokens(ours, record)
+
+
+def check_sample_images(b, case, variant: str) -> dict:
+  """`<backend>.sample.<variant>.images`: the case's VQGAN decoding our final tokens."""
+  record, _, images = _sampled(b, case, variant)
+  return check_images(images, record, b.name)
 
 
 def replay_logits(backend: str, record: dict, layout):

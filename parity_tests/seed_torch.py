@@ -1,8 +1,9 @@
 """PyTorch side of the seed checks (`seed_checks.py`): maskgit_torch's seed family behind numpy in / numpy out.
 
-Never imports jax. The case's seed files come through `conversion.seed_formats` (seed_checks.checkpoint) and load
-into `MaskTransformer` / `VQModel` with `load_state_dict(strict=True)`. Intermediates come from forward hooks on
-the modules named in `seed_checks.INTERMEDIATES` (the seed's own module names). Arrays are NCHW, as the fixtures.
+Never imports jax. The case's seed files are loaded as a user would: `maskgit_torch.checkpoint.load_checkpoint`
+(`conversion.read` -> the seed table -> `MaskTransformer` / `VQModel`, `load_state_dict(strict=True)`). Intermediates
+come from forward hooks on the modules named in `seed_checks.INTERMEDIATES` (the seed's own module names). Arrays
+are NCHW, as the fixtures.
 """
 
 import contextlib
@@ -11,29 +12,12 @@ import functools
 import numpy as np
 import torch
 
-from maskgit_torch.seed_transformer import MaskTransformer
-from maskgit_torch.taming import VQModel
+from maskgit_torch import checkpoint
 from parity_tests import seed_checks
 
 NAME = "torch"
 LOGITS_REL_TOLERANCE = 1e-6  # x max(1, max|logits|): the same framework as the seed
 DECODE_TOLERANCE = 1e-5
-MODULES = {"transformer": MaskTransformer, "tokenizer": VQModel}
-
-
-def load_module(config, which, state, device="cpu"):
-  """A maskgit_torch module holding `state` ({key: np.ndarray}), loaded strictly, in eval mode."""
-  with torch.device("meta"):  # shapes only: the weights are assigned, no random init is drawn
-    module = MODULES[which](config)
-  module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True, assign=True)
-  return module.to(device).eval()
-
-
-def strict_state_dicts(config, weights):
-  """{which: numpy state} -> the same after a strict load into maskgit_torch and `state_dict()` (the torch step of
-  the round trip: proves the keys are the modules' own)."""
-  return {w: {k: v.detach().numpy() for k, v in load_module(config, w, state).state_dict().items()}
-          for w, state in weights.items()}
 
 
 @contextlib.contextmanager
@@ -61,25 +45,32 @@ def record(model, names):
       handle.remove()
 
 
-def _reference_threads(method):
-  """Runs an adapter method on the torch CPU thread count the fixture was made with (config.json
-  versions.torch_num_threads; the seed fixtures record 1), then restores the count.
+@contextlib.contextmanager
+def reference_threads(case, device):
+  """The block runs on the torch CPU thread count the fixture was made with (config.json
+  versions.torch_num_threads; the seed fixtures record 1), then the count is restored.
 
   torch's CPU convolution and norm kernels split their float32 reductions by thread, so the thread count changes
   the rounding: a random 128 px taming decode differs by 1.4e-5 between 1 and 2 threads, above the 1e-5 bound,
   while on the recorded count our modules give the seed's arrays bit for bit (the dev cases: max diff 0).
   """
+  threads = case.official.get("versions", {}).get("torch_num_threads")
+  if device.type != "cpu" or not threads:
+    yield
+    return
+  previous = torch.get_num_threads()
+  torch.set_num_threads(int(threads))
+  try:
+    yield
+  finally:
+    torch.set_num_threads(previous)
+
+
+def _on_reference_threads(method):
   @functools.wraps(method)
   def wrapper(self, *args):
-    threads = self.case.official.get("versions", {}).get("torch_num_threads")
-    if self.device.type != "cpu" or not threads:
+    with self.reference_threads():
       return method(self, *args)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-      return method(self, *args)
-    finally:
-      torch.set_num_threads(previous)
   return wrapper
 
 
@@ -95,13 +86,17 @@ class SeedTorchCase:
   def __init__(self, case, device="cpu"):
     self.case = case
     self.device = torch.device(device)
-    self._models = {}
+    self._models = None
 
   def model(self, which):
-    if which not in self._models:
-      ck = seed_checks.checkpoint(self.case)
-      self._models[which] = load_module(ck.config, which, ck.weights[which], self.device)
+    """The case's `which` ("tokenizer" or "transformer") module, both loaded on first use."""
+    if self._models is None:
+      _, self._models = checkpoint.load_checkpoint(self.case.path, seed_checks.case_config(self.case),
+                                                   device=self.device)
     return self._models[which]
+
+  def reference_threads(self):
+    return reference_threads(self.case, self.device)
 
   def _tensor(self, x):
     x = np.asarray(x)
@@ -111,7 +106,7 @@ class SeedTorchCase:
   def _numpy(x):
     return x.detach().cpu().numpy()
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def encode(self, images):
     """The seed's encode on [-1, 1] NCHW images -> its latents, codes and codebook distances."""
@@ -125,32 +120,38 @@ class SeedTorchCase:
             "quantized": self._numpy(quantized), "emb_loss": self._numpy(emb_loss),
             "codes": self._numpy(indices.reshape(b, h, w)), "distances": self._numpy(distances)}
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def encode_to_indices(self, images_nhwc):
     return self._numpy(self.model("tokenizer").encode_to_indices(self._tensor(images_nhwc)))
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def decode_code(self, codes):
     return self._numpy(self.model("tokenizer").decode_code(self._tensor(codes)))
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def decode(self, quantized):
     return self._numpy(self.model("tokenizer").decode(self._tensor(quantized)))
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def decode_from_indices(self, codes):
     return self._numpy(self.model("tokenizer").decode_from_indices(self._tensor(codes)))
 
-  @_reference_threads
+  @_on_reference_threads
   @torch.inference_mode()
   def logits(self, ids):
     return self._numpy(self.model("transformer")(self._tensor(ids)))
 
-  @_reference_threads
+  @property
+  def tokens_to_logits(self):
+    """The decoder's model call (torch in, torch out): (N, S) ids -> (N, L, K + 1) logits."""
+    model = self.model("transformer")
+    return torch.inference_mode()(lambda ids: model(ids.to(self.device)))
+
+  @_on_reference_threads
   @torch.inference_mode()
   def intermediates(self, ids):
     model = self.model("transformer")

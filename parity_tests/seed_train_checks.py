@@ -1,5 +1,5 @@
 """`<backend>.train.step`: one step of the seed's `MaskGIT.train_one_epoch` (train_step.npz of a seed case),
-reproduced by our trainers with the recorded draws (the seed fixtures' FORMAT.md, "train_step.npz").
+reproduced by our trainers with the recorded draws (parity_tests/data/SEED_FORMAT.md, "train_step.npz").
 
 The step is the seed's `--resume`: the weights of MaskGIT/current.pth, a FRESH AdamW (the seed never loads
 optimizer_state_dict) and the learning rate of its iter (`adapt_learning_rate`). The config is the case's, with
@@ -12,7 +12,7 @@ clip norm, batch). What runs is ours, as a user's run would:
     with the recorded dropout keep masks injected at every dropout call in forward order (torch: F.dropout, which
     nn.Dropout and nn.MultiheadAttention's attention-weights dropout both call; JAX: flax's nn.Dropout through
     `nn.intercept_methods`), each output `input * keep * dropout_scale` as the seed's kernel computes it.
-Bounds (FORMAT.md "Suggested tolerances"): masked batch (mask, masked code, dropped labels, class ids) exact; loss
+Bounds (SEED_FORMAT.md "Suggested tolerances"): masked batch (mask, masked code, dropped labels, class ids) exact; loss
 <= 1e-6 relative; every gradient (before clipping) <= 1e-5 absolute; gradient norm <= 1e-5 relative; every
 parameter after the AdamW step <= 1e-6 absolute, EXCEPT entries whose recorded gradient is below float32 noise
 (|g| < 1e-6, e.g. the key rows of every in_proj_bias, whose gradient is mathematically zero): Adam's first step
@@ -46,7 +46,7 @@ def step_config(case, record):
   train = case.official.get("train", {})
   if int(record["grad_cum"]) != 1:
     raise UnsupportedRecord(f"grad_cum={int(record['grad_cum'])}: the seed fixtures record grad_cum 1 only "
-                            f"(FORMAT.md quirk 36: the accumulation path is not recorded)")
+                            f"(SEED_FORMAT.md quirk 36: the accumulation path is not recorded)")
   if float(record["adam_eps"]) != 1e-8:
     raise UnsupportedRecord(f"adam_eps={float(record['adam_eps'])}: the trainers use AdamW eps 1e-8 (the seed's)")
   betas = [float(b) for b in record["betas"]]
@@ -57,7 +57,13 @@ def step_config(case, record):
       "train.class_dropout": float(train.get("drop_label", 0.1)), "train.warmup_steps": int(record["warm_up"]),
       "train.grad_accum": 1, "train.grad_clip_norm": float(record["max_norm"]),
       "train.mask_schedule": train.get("mask_mode", "arccos"), "train.precision": "parity", "data.random_crops": 1}
-  return seed_checks.checkpoint(case).config.with_overrides(overrides)
+  return seed_checks.case_config(case).with_overrides(overrides)
+
+
+def case_weights(case, config):
+  """The canonical transformer weights of MaskGIT/current.pth, read through conversion as a user would."""
+  import conversion  # pylint: disable=import-outside-toplevel
+  return conversion.read(case.path, config, parts=("transformer",), require=("transformer",)).parts["transformer"]
 
 
 def recorded_batch(config, record, codes):
@@ -111,18 +117,13 @@ def _torch_dropout(masks):
     F.dropout = original
 
 
-def torch_step(case, config, state, batch, lr, masks, device):
+def torch_step(case, config, weights, batch, lr, masks, device):
   """The torch trainer's step -> {loss, grad_norm, logits, grads, params} (torch keys, numpy)."""
   import torch  # pylint: disable=import-outside-toplevel
-  import conversion  # pylint: disable=import-outside-toplevel
   from maskgit_torch import train as torch_train  # pylint: disable=import-outside-toplevel
-  threads = case.official.get("versions", {}).get("torch_num_threads")
-  previous = torch.get_num_threads()
-  if threads and device.type == "cpu":
-    torch.set_num_threads(int(threads))
-  try:
-    model = torch_train.build_model(config, "transformer", conversion.from_torch_layout(config, "transformer",
-                                                                                        dict(state))).to(device)
+  from parity_tests import seed_torch  # pylint: disable=import-outside-toplevel
+  with seed_torch.reference_threads(case, device):
+    model = torch_train.build_model(config, "transformer", dict(weights)).to(device)
     optimizer = torch_train.make_optimizer(model, config.train)  # fresh, as the seed's --resume
     grads, logits, original_clip = {}, [], torch_train.clip_grad_norm
 
@@ -144,8 +145,6 @@ def torch_step(case, config, state, batch, lr, masks, device):
       raise AssertionError(f"{len(queue)} recorded dropout masks were not used (first: {queue[0][0]!r})")
     return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "logits": logits[0],
             "grads": grads, "params": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
-  finally:
-    torch.set_num_threads(previous)
 
 
 # JAX -------------------------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def _replayed(masks, fn, *args):
   return out
 
 
-def jax_step(case, config, state, batch, lr, masks, device):
+def jax_step(case, config, weights, batch, lr, masks, device):
   """The JAX trainer's gradients and step -> {loss, grad_norm, logits, grads, params} (torch keys, numpy)."""
   del case
   import jax  # pylint: disable=import-outside-toplevel
@@ -185,9 +184,8 @@ def jax_step(case, config, state, batch, lr, masks, device):
   import conversion  # pylint: disable=import-outside-toplevel
   from maskgit_jax import checkpoint as jax_checkpoint, families  # pylint: disable=import-outside-toplevel
   from maskgit_jax import train as jax_train  # pylint: disable=import-outside-toplevel
-  flat = conversion.from_torch_layout(config, "transformer", dict(state))
   with jax.default_device(device):
-    params = jax_checkpoint.from_flat(config, "transformer", flat)["params"]
+    params = jax_checkpoint.from_flat(config, "transformer", dict(weights))["params"]
     train_state = jax_train.create_state(config, params)  # a fresh Adam, as the seed's --resume
     arrays = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
     key = jax.random.PRNGKey(0)  # unused: every dropout call is replayed
@@ -277,8 +275,7 @@ def check_train_step(b, case):
   lr_used = float(record["lr_used"])
   lr_ok = math.isclose(lr, lr_used, rel_tol=1e-12, abs_tol=0.0)
   notes.append(f"lr at iter {int(record['iter_before'])}: {lr:.6g} (recorded {lr_used:.6g})")
-  out = STEPS[b.name](case, config, seed_checks.checkpoint(case).weights["transformer"], batch, lr, dropout_masks(record),
-                      b.device)
+  out = STEPS[b.name](case, config, case_weights(case, config), batch, lr, dropout_masks(record), b.device)
   loss_rel = abs(out["loss"] - float(record["loss"])) / max(abs(float(record["loss"])), 1e-30)
   norm_rel = abs(out["grad_norm"] - float(record["grad_norm"])) / max(abs(float(record["grad_norm"])), 1e-30)
   grad_diff = max(float(np.max(np.abs(out["grads"][k] - record[f"grad/{k}"]), initial=0.0))

@@ -6,10 +6,23 @@ import os
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parity_tests", "data")
 
 
-def golden_cases():
-  """Case directories of the vendored golden fixtures (any directory holding a config.json)."""
+def _cases(fmt):
+  from parity_tests import plan  # pylint: disable=import-outside-toplevel
+  from parity_tests.case import Case  # pylint: disable=import-outside-toplevel
   return sorted(os.path.join(GOLDEN_DIR, d) for d in os.listdir(GOLDEN_DIR)
-                if os.path.isfile(os.path.join(GOLDEN_DIR, d, "config.json")))
+                if os.path.isfile(os.path.join(GOLDEN_DIR, d, "config.json"))
+                and plan.case_format(Case(os.path.join(GOLDEN_DIR, d))).name == fmt)
+
+
+def golden_cases():
+  """Case directories of the vendored official golden fixtures (google-research/maskgit; parity_tests/data)."""
+  return _cases("official")
+
+
+def seed_cases():
+  """Case directories of the vendored seed fixtures (valeoai MaskGIT-pytorch v1: MaskGIT/, VQGAN/, config.json;
+  parity_tests/data/SEED_FORMAT.md), beside the official ones."""
+  return _cases("seed")
 
 
 def golden_config(case_dir):

@@ -16,14 +16,15 @@ import torch
 
 from conversion import seed_config, seed_formats
 from conversion.tables import seed as seed_table
-from conversion.seed_formats import SeedFormatError
+from conversion import CheckpointFormatError, ConversionError
 from maskgit_common.errors import UserError
 from parity_tests import seed_checks
 from parity_tests.case import Case
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "parity_tests", "data_seed")
-CASES = sorted(d for d in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, d, "config.json")))
+DATA = helpers.GOLDEN_DIR
+CASES = [os.path.basename(c) for c in helpers.seed_cases()]
 
 
 def _case(name=None):
@@ -70,7 +71,7 @@ def test_both_layouts_read_the_same_weights(case_name, tmp_path):
 @pytest.mark.parametrize("case_name", CASES)
 def test_extras_keep_iter_epoch_and_the_adamw_state_per_parameter(case_name):
   case = _case(case_name)
-  ck = seed_checks.checkpoint(case)
+  ck = seed_formats.read_seed(case.path, seed_checks.case_config(case))
   meta = case.official["checkpoints"]["maskgit_meta"]
   extras = ck.extras["transformer"]
   assert (extras["iter"], extras["global_epoch"]) == (meta["iter"], meta["global_epoch"])
@@ -114,7 +115,7 @@ def test_a_different_config_names_every_field_and_key_in_one_error():
   config = seed_checks.case_config(case)
   wrong = config.with_overrides([f"transformer.num_layers={config.transformer.num_layers + 1}",
                                  f"tokenizer.codebook_size={config.codebook_size * 2}"])
-  with pytest.raises(SeedFormatError) as e:
+  with pytest.raises(ConversionError) as e:
     seed_formats.read_seed(case.path, wrong)
   text = str(e.value)
   assert f"transformer.num_layers: the config has {config.transformer.num_layers + 1}" in text
@@ -133,7 +134,7 @@ def test_renamed_missing_and_misshaped_keys_all_listed(case_copy):
   del sd["last_layer.4.bias"]
   sd["bias"] = sd["bias"][:-1]
   torch.save(ck, path)
-  with pytest.raises(SeedFormatError) as e:
+  with pytest.raises(ConversionError) as e:
     seed_formats.read_seed(str(dst), config)
   text = str(e.value)
   for expected in ("missing: first_layer.6.weight", "unexpected: first_layer.9.weight", "missing: last_layer.4.bias",
@@ -149,7 +150,7 @@ def test_an_unknown_vqgan_key_is_an_error_but_loss_keys_are_not(case_copy):
   ck["state_dict"]["encoder.extra.weight"] = torch.zeros(3)
   ck["callbacks"] = {}
   torch.save(ck, path)
-  with pytest.raises(SeedFormatError, match=r"unexpected: encoder\.extra\.weight"):
+  with pytest.raises(ConversionError, match=r"unexpected: encoder\.extra\.weight"):
     seed_formats.read_seed(str(dst), config)
 
 
@@ -169,10 +170,10 @@ def test_ddp_prefix_bare_state_dict_and_unknown_top_level_keys(tmp_path):
   mixed = dict(ck["model_state_dict"])
   mixed["module.bias"] = mixed.pop("bias")
   torch.save(mixed, tmp_path / "mixed.pth")
-  with pytest.raises(SeedFormatError, match="only some keys carry DDP's 'module.' prefix"):
+  with pytest.raises(ConversionError, match="only some keys carry DDP's 'module.' prefix"):
     seed_formats.read_transformer(str(tmp_path / "mixed.pth"))
   torch.save(dict(ck, args={"lr": 1}), tmp_path / "extra.pth")
-  with pytest.raises(SeedFormatError, match=r"unexpected top-level entries \['args'\]"):
+  with pytest.raises(ConversionError, match=r"unexpected top-level entries \['args'\]"):
     seed_formats.read_transformer(str(tmp_path / "extra.pth"))
   del config
 
@@ -197,7 +198,7 @@ def test_a_pickled_object_is_refused_without_running_it(tmp_path, writer, reader
   else:
     with open(path, "wb") as f:
       pickle.dump(payload, f)
-  with pytest.raises(SeedFormatError, match=r"refused") as e:
+  with pytest.raises(CheckpointFormatError, match=r"refused") as e:
     getattr(seed_formats, reader)(str(path))
   assert not marker.exists()
   assert str(path) in str(e.value)
@@ -208,7 +209,7 @@ def test_a_pickled_object_is_refused_without_running_it(tmp_path, writer, reader
 def test_only_the_lightning_class_is_allowed_in_last_ckpt(tmp_path):
   path = tmp_path / "last.ckpt"
   torch.save({"state_dict": {"quant_conv.bias": torch.zeros(2)}, "hook": os.system}, path)
-  with pytest.raises(SeedFormatError, match=r"refused: the pickle names (posix|nt)\.system"):
+  with pytest.raises(CheckpointFormatError, match=r"refused: the pickle names (posix|nt)\.system"):
     seed_formats.read_vqgan(str(path))
 
 
@@ -218,7 +219,7 @@ def test_truncated_files_fail_clearly(case_copy, rel):
   path = dst / rel
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2] if rel.endswith((".pth", ".ckpt")) else b"model: [unclosed\n")
-  with pytest.raises(SeedFormatError, match=r"(truncated|cannot read)") as e:
+  with pytest.raises(CheckpointFormatError, match=r"(truncated|cannot read)") as e:
     seed_formats.read_seed(str(dst), config)
   assert str(path) in str(e.value)
 
@@ -239,31 +240,31 @@ def test_unsupported_model_yaml_is_refused_naming_the_key(case_copy, edit, messa
   else:
     data["model"]["params"][section][key] = value
   path.write_text(yaml.safe_dump(data))
-  with pytest.raises(SeedFormatError, match=message):
+  with pytest.raises(ConversionError, match=message):
     seed_formats.read_seed(str(dst))
 
 
 def test_missing_and_ambiguous_sources(tmp_path, case_copy):
-  with pytest.raises(SeedFormatError, match="does not exist"):
+  with pytest.raises(ConversionError, match="does not exist"):
     seed_formats.read_seed(str(tmp_path / "nothing"))
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(SeedFormatError, match="holds no seed checkpoint"):
+  with pytest.raises(ConversionError, match="holds no seed checkpoint"):
     seed_formats.read_seed(str(tmp_path / "empty"))
   dst, _ = case_copy
   shutil.copy(dst / "MaskGIT" / "current.pth", dst / "MaskGIT" / "other.pth")
-  with pytest.raises(SeedFormatError, match=r"several transformer checkpoints \['current.pth', 'other.pth'\]"):
+  with pytest.raises(ConversionError, match=r"several transformer checkpoints \['current.pth', 'other.pth'\]"):
     seed_formats.read_seed(str(dst))
   os.remove(dst / "VQGAN" / "model.yaml")
-  with pytest.raises(SeedFormatError, match="model.yaml is not beside it"):
+  with pytest.raises(ConversionError, match="model.yaml is not beside it"):
     seed_formats.read_seed(str(dst / "VQGAN" / "last.ckpt"))
 
 
 # Writing -----------------------------------------------------------------------------------------------------------
 def test_written_files_read_back_bit_exact_and_in_the_seeds_structure(tmp_path):
   case = _case()
-  ck = seed_checks.checkpoint(case)
-  files = seed_formats.write_seed(str(tmp_path / "out"), ck.config, ck.weights, ck.extras,
-                                  transformer_name="MaskGIT_ImageNet_256.pth")
+  ck = seed_formats.read_seed(case.path, seed_checks.case_config(case))
+  extras = dict(ck.extras, transformer=dict(ck.extras["transformer"], file_name="MaskGIT_ImageNet_256.pth"))
+  files = seed_formats.write_seed(str(tmp_path / "out"), ck.config, ck.weights, extras)
   saved = torch.load(files.transformer, weights_only=True)
   assert list(saved) == ["iter", "global_epoch", "model_state_dict", "optimizer_state_dict"]
   original = torch.load(case.file("MaskGIT/current.pth"), weights_only=True)
@@ -280,14 +281,14 @@ def test_written_files_read_back_bit_exact_and_in_the_seeds_structure(tmp_path):
 
 
 def test_writes_are_atomic_and_never_overwrite_without_asking(tmp_path):
-  ck = seed_checks.checkpoint(_case())
+  ck = seed_formats.read_seed(_case().path, seed_checks.case_config(_case()))
   dst = str(tmp_path / "out")
   seed_formats.write_seed(dst, ck.config, ck.weights, ck.extras)
   before = sorted(os.listdir(dst))
-  with pytest.raises(SeedFormatError, match="nothing was written"):
+  with pytest.raises(ConversionError, match="nothing was written"):
     seed_formats.write_seed(dst, ck.config, ck.weights, ck.extras)
   broken = {"transformer": {k: v for k, v in ck.weights["transformer"].items() if k != "bias"}}
-  with pytest.raises(SeedFormatError, match="missing: bias"):
+  with pytest.raises(ConversionError, match="missing: bias"):
     seed_formats.write_seed(str(tmp_path / "other"), ck.config, broken)
   assert not os.path.exists(tmp_path / "other") and sorted(os.listdir(dst)) == before
   seed_formats.write_seed(dst, ck.config, ck.weights, layout="vqgan_folder", overwrite=True)
@@ -322,14 +323,14 @@ def test_a_lone_transformer_is_checked_against_the_given_config(tmp_path):
   case = _case()
   config = seed_checks.case_config(case)
   shutil.copy(case.file("MaskGIT/current.pth"), tmp_path / "current.pth")
-  with pytest.raises(SeedFormatError, match="no VQGAN model.yaml beside it"):
+  with pytest.raises(ConversionError, match="no VQGAN model.yaml beside it"):
     seed_formats.read_seed(str(tmp_path / "current.pth"))
   alone = seed_formats.read_seed(str(tmp_path / "current.pth"), config)
   assert set(alone.weights) == {"transformer"} and alone.config == config
-  with pytest.raises(SeedFormatError, match=r"transformer\.intermediate_size: the config has 8, the files imply"):
+  with pytest.raises(ConversionError, match=r"transformer\.intermediate_size: the config has 8, the files imply"):
     seed_formats.read_seed(str(tmp_path / "current.pth"), config.with_overrides(["transformer.intermediate_size=8"]))
   import configs  # pylint: disable=import-outside-toplevel
-  with pytest.raises(SeedFormatError, match=r"transformer\.arch: the config has 'maskgit'"):
+  with pytest.raises(ConversionError, match=r"transformer\.arch: the config has 'maskgit'"):
     seed_formats.read_seed(case.path, configs.tiny())
 
 
@@ -338,7 +339,7 @@ def test_every_damaged_file_and_key_problem_is_in_the_one_error(case_copy):
   pth = dst / "MaskGIT" / "current.pth"
   pth.write_bytes(pth.read_bytes()[:1000])
   (dst / "VQGAN" / "model.yaml").write_text("model: [unclosed\n")
-  with pytest.raises(SeedFormatError) as e:
+  with pytest.raises(ConversionError) as e:
     seed_formats.read_seed(str(dst), config.with_overrides([f"tokenizer.codebook_size={config.codebook_size + 1}"]))
   text = str(e.value)
   assert str(pth) in text and "model.yaml" in text and "wrong shape: quantize.embedding.weight" in text

@@ -297,6 +297,7 @@ def write_seed_pth(path, config, iteration=3000, epoch=7):
   """A seed-format MaskGIT .pth of `config`'s transformer (random weights, AdamW state after one step)."""
   import torch  # pylint: disable=import-outside-toplevel
   from conversion import seed_formats  # pylint: disable=import-outside-toplevel
+  from conversion.formats import torch_pickle  # pylint: disable=import-outside-toplevel
   from maskgit_torch.seed_transformer import MaskTransformer  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   model = MaskTransformer(config)
@@ -305,7 +306,7 @@ def write_seed_pth(path, config, iteration=3000, epoch=7):
   model(ids).square().mean().backward()
   optimizer.step()
   extras = {"iter": iteration, "global_epoch": epoch,
-            "optimizer_state_dict": seed_formats.numpy_tree(optimizer.state_dict())}
+            "optimizer_state_dict": torch_pickle.numpy_tree(optimizer.state_dict())}
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   return seed_formats.write_transformer(path, config, state, extras), model, optimizer
 

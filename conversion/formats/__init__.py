@@ -7,9 +7,12 @@ A format module has
                                  canonical weights (flat flax paths, numpy) per part; a part may be a zero-argument
                                  function that loads it, so a converter holds one part at a time. The config is the
                                  one stored with the weights (None: the caller's, else inferred from the shapes);
-                                 `config` is what the caller gave, for formats that need it to read (torch keys);
+                                 `config` is what the caller gave, for formats that need it to read (torch keys).
+                                 extras: {part: {...}} the source holds besides the weights (the seed's AdamW state,
+                                 ...), or a zero-argument function reading them;
   write(tmp, config, parts, extras)   optional: writes the parts (flat dicts or loaders, each materialised once; an
-                                 empty one is skipped) and the config into `tmp`, a directory `fileio` then publishes;
+                                 empty one is skipped), the config and the extras (a dict or a function: keep what
+                                 the format can hold) into `tmp`, a directory `fileio` then publishes;
   READS_PYTORCH = True           optional: the format reads PyTorch pickles (so messages can say "convert it").
 Detection must be unambiguous: a path more than one format claims is refused, naming them.
 """
@@ -19,10 +22,10 @@ from __future__ import annotations
 import os
 
 from conversion.errors import CheckpointError, ConversionError
-from conversion.formats import jax_dir, official_dir, single_file, torch_dir
+from conversion.formats import jax_dir, official_dir, seed, single_file, torch_dir
 from conversion.formats.sniff import pytorch_message, sniff
 
-FORMATS = {f.NAME: f for f in (torch_dir, jax_dir, official_dir, single_file)}
+FORMATS = {f.NAME: f for f in (torch_dir, jax_dir, official_dir, single_file, seed)}
 
 
 def writers() -> list[str]:

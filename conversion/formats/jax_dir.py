@@ -1,4 +1,5 @@
-"""Our JAX export directory: config.json (ours) + tokenizer.msgpack and/or transformer.msgpack in the official layout.
+"""Our JAX export directory: config.json (ours) + tokenizer.msgpack and/or transformer.msgpack in the official layout
+(and the source's extras where it had any: conversion/formats/extras.py).
 
 The msgpack files are flax `to_bytes({"params": ...})` with keys in flax's order, so an export of official weights
 is byte-identical to the released files.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from conversion.formats.extras import read_extras, write_extras
 from conversion.formats.common import CONFIG_FILE, config_kind, materialize, read_config
 from conversion.formats.flax_msgpack import read_msgpack, write_msgpack
 from conversion.layout import ordered
@@ -28,11 +30,12 @@ def detect(path: str) -> dict | None:
 def read(path: str, config=None):
   del config  # the weights are already canonical: no table needed to read them
   return read_config(path), {part: (lambda file=file: as_flat(read_msgpack(file)))
-                             for part, file in detect(path).items()}, {}
+                             for part, file in detect(path).items()}, lambda: read_extras(path)
 
 
 def write(tmp: str, config, parts: dict, extras: dict) -> None:
   config.save(os.path.join(tmp, CONFIG_FILE))
+  write_extras(tmp, materialize(extras))  # e.g. the seed's iter, epoch and AdamW state: kept for writing back
   for part, value in parts.items():
     flat = materialize(value)
     if not flat:  # a part that failed its checks: the conversion raises once every part is checked

@@ -40,7 +40,9 @@ def sniff(path: str) -> str:
 def pytorch_message(path: str, kind: str, expected: str, convertible: bool) -> str:
   """Why a PyTorch pickle cannot be read where `expected` is, and what to do instead."""
   what = "a torch.save zip archive" if kind == "torch_zip" else "a pickle"
-  advice = (f"convert it first: python run.py convert --src {path} --dst DIR --to jax|torch" if convertible else
+  advice = (f"if it is a valeoai MaskGIT-pytorch checkpoint, convert it first (python run.py convert --src {path} "
+            f"--dst DIR --to jax|torch); other PyTorch weights: save the state_dict with "
+            f"safetensors.torch.save_file and pass that .safetensors file" if convertible else
             "this project never unpickles weights; in PyTorch, save its state_dict with "
             "safetensors.torch.save_file and pass that .safetensors file instead")
   return f"{path} is a PyTorch checkpoint ({what}), not {expected}: {advice}"

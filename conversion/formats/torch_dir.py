@@ -1,10 +1,12 @@
-"""Our torch checkpoint directory: config.json + tokenizer.safetensors and/or transformer.safetensors (torch keys)."""
+"""Our torch checkpoint directory: config.json + tokenizer.safetensors and/or transformer.safetensors (torch keys),
+and the source's extras where it had any (conversion/formats/extras.py)."""
 
 from __future__ import annotations
 
 import os
 
 from conversion.errors import PASS_CONFIG, ConversionError
+from conversion.formats.extras import read_extras, write_extras
 from conversion.formats.common import CONFIG_FILE, materialize, read_config
 from conversion.formats.safetensors_numpy import read_safetensors, write_safetensors
 from conversion.layout import from_torch_layout, to_torch_layout
@@ -30,11 +32,12 @@ def read(path: str, config=None):
   use = config or file_config
   if use is None:
     raise ConversionError(f"{path} has torch weights but no {CONFIG_FILE}; {PASS_CONFIG}")
-  return file_config, {part: _loader(use, part, file) for part, file in detect(path).items()}, {}
+  return file_config, {part: _loader(use, part, file) for part, file in detect(path).items()}, lambda: read_extras(path)
 
 
 def write(tmp: str, config, parts: dict, extras: dict) -> None:
   config.save(os.path.join(tmp, CONFIG_FILE))
+  write_extras(tmp, materialize(extras))  # e.g. the seed's iter, epoch and AdamW state: kept for writing back
   for part, value in parts.items():
     flat = materialize(value)
     if not flat:  # a part that failed its checks: the conversion raises once every part is checked
