@@ -454,3 +454,26 @@ def learning_config(steps):
       "train.recipe": "seed", "transformer.arch": "seed", "train.num_train_steps": steps,
       "train.checkpoint_every_steps": steps, "train.warmup_steps": 20, "train.lr": 1e-3, "train.log_every_steps": 10,
       "train.batch_size": 32})
+
+
+def test_fp16_loss_scaling_path_resumes_exactly(cache, tmp_path, monkeypatch):
+  """train.precision=fp16 (float16 autocast + GradScaler, CUDA only in real runs) exercised on the CPU with the
+  device check patched: the scaler scales, its scale and growth counter are checkpointed, and a resumed run
+  retraces the uninterrupted one bit for bit."""
+  torch = pytest.importorskip("torch")
+  from maskgit_torch import train as torch_train  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(torch_train, "fp16_enabled", lambda precision, device: precision == "fp16")
+  config = seed_config(cache, **{"train.num_train_steps": 6, "train.checkpoint_every_steps": 3,
+                                 "train.log_every_steps": 1, "train.precision": "fp16"})
+  full = torch_train.train(config, str(tmp_path / "full"), progress=False)
+  assert np.all(np.isfinite(full["losses"])) and len(full["losses"]) == 6
+  import safetensors.torch  # pylint: disable=import-outside-toplevel
+  state = safetensors.torch.load_file(os.path.join(full["last_checkpoint"], "state.safetensors"))
+  assert float(state["scaler/scale"]) > 1.0  # the loss is scaled (GradScaler's 65536, backed off on overflow)
+  first = torch_train.train(config, str(tmp_path / "resumed"), progress=False, stop_after=4)  # saved at 3, lost 4
+  assert first["last_checkpoint"].endswith("ckpt_000000003")
+  rest = torch_train.train(config, str(tmp_path / "resumed"), progress=False)
+  assert rest["resumed_from"] == 3
+  np.testing.assert_array_equal(rest["losses"], full["losses"][3:])
+  with torch_train.autocast("fp16", torch.device("cpu")):
+    assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
