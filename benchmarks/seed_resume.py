@@ -68,7 +68,8 @@ def write_file(path, config):
   ids = torch.randint(0, config.codebook_size, (2, config.seq_len))
   model(ids).logsumexp(-1).mean().backward()
   optimizer.step()
-  extras = {"iter": ITER, "global_epoch": EPOCH, "optimizer_state_dict": torch_pickle.numpy_tree(optimizer.state_dict())}
+  extras = {"iter": ITER, "global_epoch": EPOCH,
+            "optimizer_state_dict": torch_pickle.numpy_tree(optimizer.state_dict())}
   seed_formats.write_transformer(path, config, {k: v.detach().numpy() for k, v in model.state_dict().items()}, extras)
   return sum(p.numel() for p in model.parameters())
 

@@ -23,8 +23,8 @@ official and the seed's values of every field are configs/recipes.py):
              "fp16" (the seed's CUDA torch setting) computes float32 here, as the seed on a CPU
 Checkpoints: maskgit_jax/train_state.py (an orbax PyTree of params, optimizer state and EMA). At every checkpoint
 the portable directory `export/` (config.json + official-layout transformer.msgpack and tokenizer.msgpack) is
-refreshed, and for the seed family `seed/MaskGIT/current.pth`, the seed's own file (maskgit_common/train_init.py; writing
-that pickle needs torch, which conversion imports for it; without torch it is skipped, saying so). `init`: start
+refreshed, and for the seed family `seed/MaskGIT/current.pth`, the seed's own file (maskgit_common/train_init.py;
+writing that pickle needs torch, which conversion imports for it; without torch it is skipped, saying so). `init`: start
 from another checkpoint (run.py --init: a seed .pth with its AdamW state, converted to optax's, iter and epoch).
 Tokenizer weights: `training.find_tokenizer` (explicit path, else <workdir>/tokenizer, else random).
 Multi-host: `initialize_distributed` (run.py --multihost) before `train`; process 0 writes checkpoints and logs
@@ -308,8 +308,8 @@ def export(workdir: str, config: MaskGITConfig, state, tokenizer_variables) -> s
 
 def export_seed(workdir: str, config: MaskGITConfig, state, step: int, position: int, num_examples: int,
                 lr: float) -> str | None:
-  """workdir/seed/MaskGIT/current.pth, the seed's own file (weights, AdamW state, iter, epoch); None (said once) when torch,
-  which writes that pickle, is not installed."""
+  """workdir/seed/MaskGIT/current.pth, the seed's own file (weights, AdamW state, iter, epoch); None (said once)
+  when torch, which writes that pickle, is not installed."""
   try:
     return train_init.write_seed(train_init.seed_export_path(workdir), config,
                                  conversion.flatten({"params": state["params"]}), adam_of(state["opt_state"]), step,

@@ -244,7 +244,8 @@ def _param_notes(ours, record, lr_used):
     grad = record[f"grad/{key}"] if f"grad/{key}" in record else np.ones_like(diff)
     exempt = np.abs(grad) < NOISE_GRAD
     held, noisy = diff[~exempt], diff[exempt]
-    worst, total, exempt_count = max(worst, float(np.max(held, initial=0.0))), total + diff.size, exempt_count + noisy.size
+    worst, total = max(worst, float(np.max(held, initial=0.0))), total + diff.size
+    exempt_count += noisy.size
     worst_exempt = max(worst_exempt, float(np.max(noisy, initial=0.0)))
     if np.max(held, initial=0.0) > PARAM_ATOL or np.max(noisy, initial=0.0) > lr_used:
       bad.append(key)

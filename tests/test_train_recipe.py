@@ -375,6 +375,7 @@ def test_init_errors_name_the_file(tmp_path):
 
 
 # Slow: kill -9, data parallel, learning on real tokens ------------------------------------------------------------
+# pylint: disable=protected-access
 SEED_RUN = {"train.recipe": "seed", "transformer.arch": "seed", "train.warmup_steps": 5, "data.random_crops": 1}
 
 
@@ -388,9 +389,9 @@ def test_seed_recipe_sigkill_mid_training_resumes_bit_identical(name, cache, tmp
   import sys  # pylint: disable=import-outside-toplevel
   from tests import test_train  # pylint: disable=import-outside-toplevel
   test_train.backend(name)
-  reference = test_train._run(name, cache, str(tmp_path / "ref"), 30, overrides=SEED_RUN)  # pylint: disable=protected-access
+  reference = test_train._run(name, cache, str(tmp_path / "ref"), 30, overrides=SEED_RUN)
   workdir = str(tmp_path / "killed")
-  script = test_train._script(str(tmp_path), name, cache, workdir, 30, SEED_RUN)  # pylint: disable=protected-access
+  script = test_train._script(str(tmp_path), name, cache, workdir, 30, SEED_RUN)
   proc = subprocess.Popen([sys.executable, script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(workdir, "metrics.jsonl")
   while proc.poll() is None:  # kill -9 once step 15 is logged: the last checkpoint is step 10
@@ -399,7 +400,7 @@ def test_seed_recipe_sigkill_mid_training_resumes_bit_identical(name, cache, tmp
       break
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-  resumed = test_train._run(name, cache, workdir, 30, overrides=SEED_RUN)  # pylint: disable=protected-access
+  resumed = test_train._run(name, cache, workdir, 30, overrides=SEED_RUN)
   np.testing.assert_array_equal(resumed, reference)
 
 
@@ -407,8 +408,8 @@ def test_seed_recipe_sigkill_mid_training_resumes_bit_identical(name, cache, tmp
 def test_seed_recipe_jax_eight_devices_match_one(cache, tmp_path):
   from tests import test_train  # pylint: disable=import-outside-toplevel
   test_train.backend("jax")
-  one = test_train._run("jax", cache, str(tmp_path / "one"), 6, overrides=SEED_RUN)  # pylint: disable=protected-access
-  eight = test_train._run("jax", cache, str(tmp_path / "eight"), 6, overrides=SEED_RUN,  # pylint: disable=protected-access
+  one = test_train._run("jax", cache, str(tmp_path / "one"), 6, overrides=SEED_RUN)
+  eight = test_train._run("jax", cache, str(tmp_path / "eight"), 6, overrides=SEED_RUN,
                           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   np.testing.assert_allclose(eight, one, rtol=2e-6, atol=0)
 
@@ -420,8 +421,8 @@ def test_seed_recipe_torch_ddp_two_processes_match_one(cache, tmp_path):
   from tests import test_train  # pylint: disable=import-outside-toplevel
   test_train.backend("torch")
   overrides = {**SEED_RUN, "transformer.dropout_rate": 0.0, "train.grad_accum": 2}
-  one = test_train._run("torch", cache, str(tmp_path / "one"), 6, overrides=overrides)  # pylint: disable=protected-access
-  two = test_train._run("torch", cache, str(tmp_path / "two"), 6, overrides=overrides,  # pylint: disable=protected-access
+  one = test_train._run("torch", cache, str(tmp_path / "one"), 6, overrides=overrides)
+  two = test_train._run("torch", cache, str(tmp_path / "two"), 6, overrides=overrides,
                         launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"))
   np.testing.assert_allclose(two, one, rtol=2e-6, atol=0)
 
@@ -477,3 +478,14 @@ def test_fp16_loss_scaling_path_resumes_exactly(cache, tmp_path, monkeypatch):
   np.testing.assert_array_equal(rest["losses"], full["losses"][3:])
   with torch_train.autocast("fp16", torch.device("cpu")):
     assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
+
+
+def test_runs_checkpointed_before_the_recipe_fields_resume_unchanged():
+  """A fingerprint from before train.recipe / warmup_rule / clip_rule / data.random_crops existed is the official
+  recipe's: no change is reported; a seed value against such a checkpoint is one."""
+  from maskgit_common import workdir  # pylint: disable=import-outside-toplevel
+  new = training.transformer_fingerprint(configs.tiny())
+  old = {k: v for k, v in new.items() if k not in workdir.ADDED_SETTINGS}
+  assert len(old) == len(new) - len(workdir.ADDED_SETTINGS) and workdir.config_changes(old, new) == []
+  seeded = training.transformer_fingerprint(configs.tiny().with_overrides({"train.clip_rule": "torch"}))
+  assert workdir.config_changes(old, seeded) == [("train.clip_rule", "optax", "torch")]
