@@ -69,7 +69,16 @@ flags.DEFINE_bool("allow_config_change", False, "train: resume a checkpoint with
 flags.DEFINE_bool("ignore_corrupt_checkpoints", False, "train: when every checkpoint of the workdir is corrupt, set "
                   "them aside (<name>.corrupt) and start from step 0 instead of refusing.")
 flags.DEFINE_string("tokenizer", None, "train: tokenizer checkpoint for the transformer stage (default "
-                    "<workdir>/tokenizer, else a random tokenizer with a warning).")
+                    "<workdir>/tokenizer, else a random tokenizer with a warning); also the seed's VQGAN folder "
+                    "(last.ckpt + model.yaml).")
+flags.DEFINE_string("init", None, "train: start the transformer from this checkpoint when the workdir has none: any "
+                    "transformer checkpoint, or the seed's MaskGIT .pth (its weights, AdamW state, iter and "
+                    "global_epoch, as the seed's main.py --resume with --vit-folder). A workdir with checkpoints "
+                    "resumes from its own.")
+flags.DEFINE_bool("init_optimizer", True, "train --init: also load the file's AdamW state (--noinit_optimizer: a "
+                  "fresh optimizer, as the seed's own --resume).")
+flags.DEFINE_string("data", None, "train: an image folder (one subfolder per class, ImageNet layout) to train on: "
+                    "--set data.dataset=folder --set data.data_dir=DIR.")
 flags.DEFINE_string("src", None, "convert: source checkpoint (official msgpack pair/dir, our checkpoint dir, "
                     "a safetensors file, or valeoai MaskGIT-pytorch files: pretrained_maskgit/, a .pth, a VQGAN "
                     "folder).")
@@ -127,6 +136,9 @@ USED_BY = {
     "decoder": MODEL_COMMANDS,
     "top_k": MODEL_COMMANDS,
     "tokenizer": ("train",),
+    "init": ("train",),
+    "init_optimizer": ("train",),
+    "data": ("train",),
     "src": ("convert",),
     "dst": ("convert",),
     "to": ("convert",),
@@ -378,14 +390,25 @@ def cmd_train() -> None:
     raise UsageError(f"--tokenizer {FLAGS.tokenizer}: no such file or directory")
   if FLAGS.stage != "transformer" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
     raise UsageError("tokenizer training runs in one process; start it without torchrun (--stage tokenizer)")
+  if (FLAGS.init or FLAGS["init_optimizer"].present) and FLAGS.stage == "tokenizer":
+    raise UsageError("--init starts the transformer stage; --stage tokenizer trains a tokenizer from scratch")
+  if FLAGS.init and not os.path.exists(FLAGS.init):
+    raise UsageError(f"--init {FLAGS.init}: no such file or directory")
+  if FLAGS.data and not os.path.isdir(FLAGS.data):
+    raise UsageError(f"--data {FLAGS.data}: not a directory (give an image folder: one subfolder per class)")
   import configs
-  config = configs.resolve(FLAGS.config or "tiny").with_overrides(FLAGS.set)
+  data = ["data.dataset=folder", f"data.data_dir={FLAGS.data}"] if FLAGS.data else []
+  config = configs.resolve(FLAGS.config or "tiny").with_overrides(data + list(FLAGS.set))
   backend = model_backend()
   require_backend(backend)
   multihost = multihost_settings(backend)
   if multihost is not None and FLAGS.stage != "transformer":
     raise UsageError("--multihost trains the transformer; train the tokenizer in one process (--stage tokenizer)")
-  set_precision(backend, config.train.precision)
+  if config.train.precision == "fp16" and FLAGS.stage != "transformer":
+    raise UsageError("train.precision=fp16 is for the transformer stage; the tokenizer trainer runs parity or fast "
+                     "(--set train.precision=parity)")
+  # fp16 keeps float32 matmuls exact where it is not float16 autocast (the seed's amp is off on a CPU).
+  set_precision(backend, "fast" if config.train.precision == "fast" else "parity")
   if backend == "torch":
     from maskgit_torch import train, train_tokenizer
   else:
@@ -398,7 +421,8 @@ def cmd_train() -> None:
     summary = train_tokenizer.train_tokenizer(config, FLAGS.workdir, **policy, **train_device(backend))
     print(f"tokenizer: {summary['step']} steps, exported to {summary['export_dir']}")
   if FLAGS.stage in ("transformer", "all"):
-    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, **policy, **train_device(backend))
+    summary = train.train(config, FLAGS.workdir, tokenizer=FLAGS.tokenizer, init=FLAGS.init,
+                          init_optimizer=FLAGS.init_optimizer, **policy, **train_device(backend))
     print(f"transformer: {summary['step']} steps, exported to {summary['export']}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from configs import samplers
+from configs import recipes, samplers
 from configs.schema import (ConfigError, DataConfig, MaskGITConfig, SamplerConfig, TokenizerConfig,
                             TrainConfig, TransformerConfig)
 
@@ -71,13 +71,12 @@ def seed_imagenet_256() -> MaskGITConfig:
       # The seed's own decoder with its README's setting for FID 6.80: softmax temperature 1, Gumbel temperature
       # (r_temp) 4.5, CFG w = 3 ramped as w * i / (T - 1), "linear" randomization, arccos schedule, 8 steps.
       sampler=samplers.seed_256(),
-      # The seed's recipe where this schema has the field: AdamW (0.9, 0.96), lr 1e-4 after a 2500-step linear
-      # warm-up then constant, weight decay 1e-5, clip 1.0, label smoothing 0.1 over all tokens, arccos masking,
-      # 10% label dropout, no EMA; README: batch 512 for 755,200 iterations.
-      train=TrainConfig(batch_size=512, num_train_steps=755_200, lr=1e-4, beta1=0.9, beta2=0.96, weight_decay=1e-5,
-                        warmup_steps=2500, lr_schedule="constant", grad_clip_norm=1.0, label_smoothing=0.1,
-                        mask_schedule="arccos", compute_loss_for_all=True, polyak_decay=0.0, class_dropout=0.1),
-      data=DataConfig(dataset="folder", data_dir="imagenet/train"))
+      # The seed's recipe (configs/recipes.py: Bernoulli arccos masking, loss over all tokens, 10% label dropout,
+      # AdamW wd 1e-5, 2500-step warmup from 0 then constant, torch clipping, fp16 on CUDA, random crops, no EMA);
+      # README: batch 512 for 755,200 iterations.
+      train=TrainConfig(**recipes.fields("seed", "train"), batch_size=512, num_train_steps=755_200, lr=1e-4,
+                        beta1=0.9, beta2=0.96, lr_schedule="constant", grad_clip_norm=1.0, label_smoothing=0.1),
+      data=DataConfig(dataset="folder", data_dir="imagenet/train", **recipes.fields("seed", "data")))
 
 
 def seed_imagenet_512() -> MaskGITConfig:

@@ -15,6 +15,7 @@ import os
 import typing
 from typing import Any, Mapping, Sequence
 
+from configs import recipes
 from maskgit_common import fileio, token_layout
 from maskgit_common.errors import UserError
 
@@ -330,8 +331,17 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Training recipe (official maskgit_class_cond_config defaults); the tokenizer trainer reads the shared fields
-  (batch size, lr, warmup, steps, seed, precision, cadence) and its own `tokenizer_*` fields."""
+  """Training recipe; the tokenizer trainer reads the shared fields (batch size, lr, warmup, steps, seed, precision,
+  cadence) and its own `tokenizer_*` fields.
+
+  `recipe` names the recipe the recipe fields (configs/recipes.py) started from: "official" (the paper and the
+  released maskgit_class_cond_config; the defaults below) or "seed" (valeoai MaskGIT-pytorch v1's train_one_epoch).
+  Setting `train.recipe` through `with_overrides` / `--set` first sets every recipe field to that recipe's value;
+  the other overrides then apply on top, so a user can mix (e.g. the seed's recipe with EMA). Every field keeps its
+  own meaning whatever the recipe: the label only says where the values came from (`recipe_changes` lists the
+  fields that differ from it).
+  """
+  recipe: str = "official"
   batch_size: int = 256  # examples per optimizer step, over all devices (split into grad_accum micro-batches)
   num_train_steps: int = 2_000_000
   lr: float = 1e-4
@@ -339,15 +349,23 @@ class TrainConfig:
   beta2: float = 0.96
   weight_decay: float = 4.5e-2
   warmup_steps: int = 5000
+  # Warmup: "official" lr * (step + 1) / warmup_steps (the first step moves); "seed" the seed's
+  # adapt_learning_rate, lr * iter / (warmup_steps * grad_accum) with iter its micro-batch count (0 at step 0).
+  warmup_rule: str = "official"
   lr_schedule: str = "constant"  # after warmup: "constant" or "cosine"
   grad_clip_norm: float = 1.0  # 0 disables clipping
+  # Clipping: "optax" (clip_by_global_norm: g * max / norm only when norm > max) or "torch" (the seed's
+  # clip_grad_norm_: every g * min(1, max / (norm + 1e-6))).
+  clip_rule: str = "optax"
   label_smoothing: float = 0.1
   mask_schedule: str = "cosine"
   compute_loss_for_all: bool = False  # official default: loss on masked tokens only
   masking: str = "count"  # "count": exactly ceil(gamma(r) L) tokens (official); "bernoulli": each w.p. gamma(r) (seed)
   polyak_decay: float = 0.999  # EMA of the weights; 0 disables it
   class_dropout: float = 0.0  # probability of replacing the label by the null class (classifier-free guidance)
-  precision: str = "parity"  # "parity" (float32, highest matmul precision) or "fast" (bfloat16 compute)
+  # "parity" (float32, highest matmul precision), "fast" (bfloat16 compute, both backends) or "fp16" (torch on
+  # CUDA: float16 autocast with a GradScaler, the seed's torch.cuda.amp; elsewhere float32, as the seed on a CPU).
+  precision: str = "parity"
   seed: int = 42
   log_every_steps: int = 50
   checkpoint_every_steps: int = 10_000
@@ -359,6 +377,7 @@ class TrainConfig:
   tokenizer_codebook_restart_every: int = 0
 
   def validate(self, prefix: str = "train") -> None:
+    _check_choice(self.recipe, f"{prefix}.recipe", tuple(recipes.RECIPES))
     _check_int(self.batch_size, f"{prefix}.batch_size", 1)
     _check_int(self.grad_accum, f"{prefix}.grad_accum", 1)
     _check(self.batch_size % self.grad_accum == 0, f"{prefix}.grad_accum",
@@ -369,15 +388,17 @@ class TrainConfig:
     _check_float(self.beta2, f"{prefix}.beta2", 0.0, 1.0)
     _check_float(self.weight_decay, f"{prefix}.weight_decay", 0.0)
     _check_int(self.warmup_steps, f"{prefix}.warmup_steps", 0)
+    _check_choice(self.warmup_rule, f"{prefix}.warmup_rule", ("official", "seed"))
     _check_choice(self.lr_schedule, f"{prefix}.lr_schedule", ("constant", "cosine"))
     _check_float(self.grad_clip_norm, f"{prefix}.grad_clip_norm", 0.0)
+    _check_choice(self.clip_rule, f"{prefix}.clip_rule", ("optax", "torch"))
     _check_float(self.label_smoothing, f"{prefix}.label_smoothing", 0.0, 1.0)
     check_schedule_name(self.mask_schedule, f"{prefix}.mask_schedule")
     _check(isinstance(self.compute_loss_for_all, bool), f"{prefix}.compute_loss_for_all", "must be true or false")
     _check_choice(self.masking, f"{prefix}.masking", ("count", "bernoulli"))
     _check_float(self.polyak_decay, f"{prefix}.polyak_decay", 0.0, 1.0)
     _check_float(self.class_dropout, f"{prefix}.class_dropout", 0.0, 1.0)
-    _check_choice(self.precision, f"{prefix}.precision", ("parity", "fast"))
+    _check_choice(self.precision, f"{prefix}.precision", ("parity", "fast", "fp16"))
     _check_int(self.seed, f"{prefix}.seed", 0)
     _check_int(self.log_every_steps, f"{prefix}.log_every_steps", 1)
     _check_int(self.checkpoint_every_steps, f"{prefix}.checkpoint_every_steps", 1)
@@ -396,6 +417,9 @@ class DataConfig:
   data_dir: str = ""
   token_cache: str = ""
   random_flip: bool = True
+  # Random-crop augmentation: the token cache holds this many crops per image, evenly spaced along its longer side
+  # after the shorter side is resized to image_size; each training example takes one at random (1: the centre crop).
+  random_crops: int = 1
   num_workers: int = 0
   class_names: tuple[str, ...] = ()  # optional, for labelled sample grids; empty = numbers
 
@@ -408,6 +432,7 @@ class DataConfig:
       _check(bool(self.data_dir), f"{prefix}.data_dir", "is required when data.dataset='folder'")
     if self.dataset == "tokens":
       _check(bool(self.token_cache), f"{prefix}.token_cache", "is required when data.dataset='tokens'")
+    _check_int(self.random_crops, f"{prefix}.random_crops", 1)
     _check_int(self.num_workers, f"{prefix}.num_workers", 0)
     for i, name in enumerate(self.class_names):
       _check(isinstance(name, str), f"{prefix}.class_names[{i}]", f"must be a string, got {name!r}")
@@ -488,10 +513,12 @@ class MaskGITConfig:
     Values are parsed as JSON where possible ("4", "true", "[1, 2]"), else taken as strings.
     """
     data = self.to_dict()
-    items = overrides.items() if isinstance(overrides, Mapping) else [_split_override(o) for o in overrides]
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else [_split_override(o) for o in overrides]
+    items = [(key, _parse_value(value) if isinstance(value, str) else value) for key, value in items]
+    recipe = recipes.recipe_of(items)
+    if recipe is not None:  # a recipe first sets every recipe field; the other overrides apply on top
+      recipes.apply(data, recipe)
     for key, value in items:
-      if isinstance(value, str):
-        value = _parse_value(value)
       node = data
       parts = key.split(".")
       for part in parts[:-1]:
@@ -518,6 +545,11 @@ class MaskGITConfig:
     version = data.pop("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
       raise ConfigError(f"schema_version: this code reads version {SCHEMA_VERSION}, got {version!r}")
+    recipe = data.get("train", {}).get("recipe") if isinstance(data.get("train"), Mapping) else None
+    if recipe is not None:  # fields a partial train / data section leaves out take its recipe's values
+      given = {k: dict(v) for k, v in data.items() if isinstance(v, Mapping)}
+      data = {**data, **{k: dict(v) for k, v in given.items()}}
+      recipes.apply(data, recipe, only_missing=given)
     return _build(cls, data, "")
 
   @classmethod

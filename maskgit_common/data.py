@@ -11,7 +11,9 @@ names, as torchvision's ImageFolder and tfds' imagenet2012 do. Preprocessing (`p
 to image_size (bicubic with antialiasing), then a centre crop. The official MaskGIT release has no training input
 pipeline; its demo resizes with PIL bicubic and divides by 255 (maskgit/utils.py `read_image_from_url`). We keep that
 resampler and range and add the aspect-preserving resize + centre crop that ImageNet-256 generative models use, so
-no image is distorted. Random horizontal flips are applied at training time from the token cache's flipped codes.
+no image is distorted. Random horizontal flips are applied at training time from the token cache's flipped codes;
+random crops (`data.random_crops` > 1, the seed's RandomCrop) from the cache's codes of several crops per image.
+(The seed resizes with torchvision's bilinear Resize; we keep PIL bicubic for both recipes.)
 """
 
 from __future__ import annotations
@@ -134,8 +136,17 @@ class SyntheticDataset:
 
 
 # Image folders ---------------------------------------------------------------------------------------------------
-def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
-  """RGB, shorter side resized to image_size (bicubic, antialiased), centre crop; (H, H, 3) float32 in [0, 1]."""
+def crop_offsets(room: int, crops: int) -> list[int]:
+  """`crops` offsets in [0, room], evenly spaced (floor), the middle one (odd counts) the centre crop's room // 2."""
+  if crops == 1:
+    return [room // 2]
+  return [i * room // (crops - 1) for i in range(crops)]
+
+
+def preprocess(image: Image.Image, image_size: int, crops: int = 0) -> np.ndarray:
+  """RGB, shorter side resized to image_size (bicubic, antialiased), then a crop: (H, H, 3) float32 in [0, 1], the
+  centre crop; with `crops` >= 1, (crops, H, H, 3): crops at `crop_offsets` along the longer side (random-crop
+  augmentation: the seed's RandomCrop after Resize draws one such offset per epoch and image)."""
   image = image.convert("RGB")
   w, h = image.size
   scale = image_size / min(w, h)
@@ -143,9 +154,21 @@ def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
   if (new_w, new_h) != (w, h):
     # PIL's resize filters over the whole footprint when downscaling (antialiasing), unlike a plain bicubic tap.
     image = image.resize((new_w, new_h), Image.BICUBIC)
-  left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-  image = image.crop((left, top, left + image_size, top + image_size))
-  return np.asarray(image, dtype=np.float32) / 255.0
+  boxes = [(left, top, left + image_size, top + image_size)
+           for left, top in zip(crop_offsets(new_w - image_size, max(crops, 1)),
+                                crop_offsets(new_h - image_size, max(crops, 1)))]
+  out = np.stack([np.asarray(image.crop(box), dtype=np.float32) / 255.0 for box in boxes])
+  return out if crops else out[0]
+
+
+def image_crops(dataset, index: int, crops: int) -> tuple[np.ndarray, int]:
+  """((crops, H, H, 3) crops, label) of example `index`: the dataset's own `crops` method when it has one (image
+  folders), else copies of its image (images already of the model's size, e.g. synthetic: every crop is the
+  image)."""
+  if hasattr(dataset, "crops"):
+    return dataset.crops(index, crops)
+  image, label = dataset[index]
+  return np.repeat(image[None], crops, axis=0), label
 
 
 class ImageFolder:
@@ -176,10 +199,14 @@ class ImageFolder:
     return len(self.samples)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self.crops(index, 0)
+
+  def crops(self, index: int, crops: int) -> tuple[np.ndarray, int]:
+    """(preprocess(image, image_size, crops), label): the centre crop (crops=0) or `crops` crops."""
     path, label = self.samples[index]
     try:
       with Image.open(path) as image:
-        return preprocess(image, self.image_size), label
+        return preprocess(image, self.image_size, crops), label
     except OSError as e:
       raise OSError(f"cannot read image {path}: {e}") from None
 
@@ -198,10 +225,12 @@ def make_dataset(config, num_synthetic: int = SYNTHETIC_NUM_EXAMPLES):
   raise ValueError(f"data.dataset={data.dataset!r} has no images to read (a token cache is read with token_cache)")
 
 
-def iterate_images(dataset, batch_size: int, indices: Sequence[int] | None = None,
-                   num_workers: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields (indices, images (b, H, H, 3) float32, labels (b,) int32) in order; threads decode files if asked."""
+def iterate_images(dataset, batch_size: int, indices: Sequence[int] | None = None, num_workers: int = 0,
+                   crops: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Yields (indices, images (b, H, H, 3) float32, labels (b,) int32) in order; threads decode files if asked.
+  With `crops` >= 1 the images are (b, crops, H, H, 3) (`image_crops`)."""
   indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+  load = dataset.__getitem__ if not crops else (lambda i: image_crops(dataset, int(i), crops))
   pool = None
   if num_workers > 0:
     from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
@@ -209,7 +238,7 @@ def iterate_images(dataset, batch_size: int, indices: Sequence[int] | None = Non
   try:
     for start in range(0, len(indices), batch_size):
       chunk = indices[start:start + batch_size]
-      items = list(pool.map(dataset.__getitem__, chunk)) if pool else [dataset[int(i)] for i in chunk]
+      items = list(pool.map(load, chunk)) if pool else [load(int(i)) for i in chunk]
       yield chunk, np.stack([im for im, _ in items]), np.asarray([lb for _, lb in items], np.int32)
   finally:
     if pool:

@@ -18,8 +18,11 @@ unchanged; the seed family has a row of its own. Samplers use the same id for th
 the class ids and the class token's position also come from the layout, so this module never asks the family.
 
 Masking strategies (`train.masking`): "count" is the official rule above; "bernoulli" masks each token
-independently with probability schedule(r) (valeoai MaskGIT-pytorch, the seed: `torch.rand(...) < val_to_mask`), so
-a row may have no masked token at all (its masked-token loss then counts nothing; see the trainers' loss).
+independently, where its draw is below the seed's rate (valeoai MaskGIT-pytorch v1 `MaskGIT.get_mask_code`:
+`torch.rand(B, h, h) < val_to_mask[:, None, None]`), so a row may have no masked token at all (its masked-token loss
+then counts nothing; see the trainers' loss). The rate is `seed_mask_rate`: the seed's own float32 formula for its
+four modes (arccos, cosine, square, linear = r: the seed's per-draw value, not the official 1 - r), the official
+schedule for the others.
 
 All draws come in through `TrainingNoise`; `draw_noise(rng, ...)` makes them from a numpy Generator. Masks are built
 on the host, so the JAX and torch trainers (and any number of devices) see exactly the same masked batches.
@@ -28,6 +31,7 @@ on the host, so the JAX and torch trainers (and any number of devices) see exact
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -46,19 +50,48 @@ class TrainingNoise:
   position: np.ndarray  # (B, L) float32 in [0, 1): ranks choose which tokens are masked
   class_drop: np.ndarray  # (B,) float32 in [0, 1): < class_dropout replaces the label by the null class
   flip: np.ndarray  # (B,) float32 in [0, 1): < 0.5 takes the horizontally flipped codes (when flips are on)
+  crop: np.ndarray | None = None  # (B,) float32 in [0, 1): which of the cached crops (floor(u * crops))
 
   def __getitem__(self, index) -> "TrainingNoise":
     """The draws of a subset of the examples (e.g. one data-parallel shard)."""
-    return TrainingNoise(self.ratio[index], self.position[index], self.class_drop[index], self.flip[index])
+    return TrainingNoise(self.ratio[index], self.position[index], self.class_drop[index], self.flip[index],
+                         None if self.crop is None else self.crop[index])
 
 
 def draw_noise(rng: np.random.Generator, batch_size: int, num_tokens: int) -> TrainingNoise:
-  """Draws a batch's noise from `rng`, always in this order and these shapes (so it is reproducible)."""
+  """Draws a batch's noise from `rng`, always in this order and these shapes (so it is reproducible; the crop draw
+  came last, so the earlier draws are those of runs made before it)."""
   return TrainingNoise(
       ratio=rng.random(batch_size, dtype=np.float32),
       position=rng.random((batch_size, num_tokens), dtype=np.float32),
       class_drop=rng.random(batch_size, dtype=np.float32),
-      flip=rng.random(batch_size, dtype=np.float32))
+      flip=rng.random(batch_size, dtype=np.float32),
+      crop=rng.random(batch_size, dtype=np.float32))
+
+
+_F32 = np.float32
+SEED_MASK_MODES = ("linear", "square", "cosine", "arccos")  # get_mask_code's modes
+
+
+def seed_mask_rate(ratio: np.ndarray, method: str = "arccos", num_tokens: int = 1) -> np.ndarray:
+  """(B,) float32 rate of the seed's Bernoulli masking for its modes, with its float32 torch operations:
+  arccos `acos(r) / (pi * 0.5)`, cosine `cos(r * pi * 0.5)`, square `r ** 2`, linear `r`. Other names: the official
+  schedule (`schedules.mask_ratio` with N0 = num_tokens).
+
+  acos and cos are correctly rounded here (float64 rounded once); torch's vectorised CPU kernels (SLEEF, 1 ulp) round
+  about 7% of them the other way, which moves a token's mask only when its draw falls inside that one ulp
+  (probability ~1e-8 per token); the division by the float32 pi / 2 is torch's own.
+  """
+  r = np.asarray(ratio, _F32)
+  if method == "arccos":
+    return (np.arccos(r.astype(np.float64)).astype(_F32) / _F32(math.pi * 0.5)).astype(_F32)
+  if method == "cosine":
+    return np.cos(((r * _F32(math.pi)) * _F32(0.5)).astype(np.float64)).astype(_F32)
+  if method == "square":
+    return (r * r).astype(_F32)
+  if method == "linear":
+    return r
+  return mask_ratio(r, num_tokens, method)
 
 
 def num_masked(ratio: np.ndarray, num_tokens: int, method: str = "cosine") -> np.ndarray:
@@ -71,11 +104,11 @@ def token_mask(ratio: np.ndarray, position: np.ndarray, method: str = "cosine", 
   """(B, L) bool, True = masked.
 
   "count": in each row the num_masked(r) positions with the smallest position draws (official). "bernoulli": every
-  position whose draw is below schedule(r), i.e. each token masked with probability schedule(r) (the seed).
+  position whose draw is below seed_mask_rate(r), i.e. each token masked with that probability (the seed).
   """
   position = np.asarray(position)
   if masking == "bernoulli":
-    return position < mask_ratio(ratio, position.shape[-1], method)[:, None]
+    return position < seed_mask_rate(ratio, method, position.shape[-1])[:, None]
   if masking != "count":
     raise ValueError(f"train.masking={masking!r} is not one of {list(MASKING)}")
   count = num_masked(ratio, position.shape[-1], method)

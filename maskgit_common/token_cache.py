@@ -3,7 +3,9 @@
 A cache is a directory:
   index.json              format, version, sizes, the tokenizer signature and its hash, optional weights hash,
                           the source dataset, class names, and the shard list
-  codes_00000.npy ...     (n, h, h) int16 (int32 when K > 32767) codes, numpy .npy, opened as memmaps
+  codes_00000.npy ...     (n, h, h) int16 (int32 when K > 32767) codes, numpy .npy, opened as memmaps; with
+                          `num_crops` C > 1 in the index, (n, C, h, h): the codes of C crops per image
+                          (random-crop augmentation, data.random_crops; `data.crop_offsets` says where)
   labels_00000.npy ...    (n,) int32 labels
   flipped_00000.npy ...   optional: the codes of the horizontally flipped images (random-flip augmentation)
 It is written into a temporary directory and renamed into place, so a crash never leaves a half-written cache.
@@ -137,14 +139,25 @@ class TokenCache:
     return bool(self.index.get("has_flipped"))
 
   @property
+  def num_crops(self) -> int:
+    """Crops per image (1: the centre crop only)."""
+    return int(self.index.get("num_crops", 1))
+
+  @property
+  def crops_requested(self) -> int:
+    """data.random_crops of the build (a dataset of model-sized images stores one crop, whatever was asked)."""
+    return int(self.index.get("crops_requested", self.num_crops))
+
+  @property
   def class_names(self) -> list[str]:
     return list(self.index.get("class_names") or [])
 
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
-  def codes(self, indices, flipped: bool = False) -> np.ndarray:
-    """(n, h, h) int32 codes of the examples `indices` (flipped: of their mirrored images)."""
+  def codes(self, indices, flipped: bool = False, crops=None) -> np.ndarray:
+    """(n, h, h) int32 codes of the examples `indices` (flipped: of their mirrored images); `crops` (n,) picks each
+    example's crop in [0, num_crops) (default the middle one, the centre crop for an odd count)."""
     if flipped and not self.has_flipped:
       raise TokenCacheError(f"token cache {self.path} holds no flipped codes (built with flip=False)")
     indices = np.asarray(indices, np.int64)
@@ -152,21 +165,25 @@ class TokenCache:
       raise IndexError(f"token cache index out of range [0, {len(self)})")
     sources = self._flipped if flipped else self._codes
     h = self.index["latent_size"]
+    if self.num_crops > 1:
+      crops = np.full(indices.shape, (self.num_crops - 1) // 2) if crops is None else np.asarray(crops, np.int64)
     out = np.empty((indices.shape[0], h, h), np.int32)
     shard = np.searchsorted(self._offsets, indices, side="right") - 1
     for s in np.unique(shard):
       sel = shard == s
-      out[sel] = sources[s][indices[sel] - self._offsets[s]]
+      rows = indices[sel] - self._offsets[s]
+      out[sel] = sources[s][rows] if self.num_crops == 1 else sources[s][rows, crops[sel]]
     return out
 
 
 def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], config, *, flip: bool = True,
           batch_size: int = 64, shard_size: int = 65536, tokenizer_weights_hash: str | None = None,
-          num_workers: int = 0, progress: bool = True) -> TokenCache:
+          num_workers: int = 0, progress: bool = True, crops: int = 1) -> TokenCache:
   """Tokenizes every image of `dataset` with `encode_fn` (NHWC [0, 1] images -> (b, h, h) codes) into `path`.
 
   `encode_fn` is either backend's tokenizer (`VQVAE.encode_to_indices`), so this module stays framework-free.
-  With `flip`, the mirrored images are tokenized too (random-flip augmentation reads them at training time).
+  With `flip`, the mirrored images are tokenized too (random-flip augmentation reads them at training time); with
+  `crops` > 1, that many crops of each image (`data.image_crops`; random-crop augmentation).
   """
   if os.path.exists(path):
     raise TokenCacheError(f"{path} already exists; open it with TokenCache or delete it to rebuild")
@@ -191,20 +208,27 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
 
   # Atomic (fileio): the cache appears whole or not at all; a killed build's leftover is removed by the next one.
   with fileio.atomic_directory(path) as tmp:
-    batches = data_lib.iterate_images(dataset, batch_size, num_workers=num_workers)
+    requested = crops
+    # Images that already have the model's size (no `crops` method: synthetic) have one crop, the image itself.
+    crops = crops if hasattr(dataset, "crops") else 1
+    per = max(1, batch_size // crops) if crops > 1 else batch_size  # images per encode call stay ~batch_size
+    batches = data_lib.iterate_images(dataset, per, num_workers=num_workers, crops=crops if crops > 1 else 0)
     if progress:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="tokenizing", unit="batch")
+      batches = tqdm(batches, total=-(-len(dataset) // per), desc="tokenizing", unit="batch")
     pending = 0
     for _, images, labels in batches:
+      shape = images.shape[:-3]  # (b,) or (b, crops)
+      images = images.reshape(-1, *images.shape[-3:])
       codes = np.asarray(encode_fn(images))
       if codes.shape != (images.shape[0], h, h) or codes.min() < 0 or codes.max() >= k:
         raise TokenCacheError(f"encode_fn returned codes of shape {codes.shape} in [{codes.min()}, {codes.max()}]; "
                               f"expected ({images.shape[0]}, {h}, {h}) in [0, {k})")
-      buf["codes"].append(codes)
+      buf["codes"].append(codes.reshape(*shape, h, h))
       buf["labels"].append(labels)
       if flip:
-        buf["flipped"].append(np.asarray(encode_fn(np.ascontiguousarray(images[:, :, ::-1]))))
+        mirrored = np.asarray(encode_fn(np.ascontiguousarray(images[:, :, ::-1])))
+        buf["flipped"].append(mirrored.reshape(*shape, h, h))
       pending += len(labels)
       if pending >= shard_size:
         flush()
@@ -214,7 +238,8 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
     index = {
         "format": FORMAT, "version": VERSION, "num_examples": int(sum(s["num_examples"] for s in shards)),
         "latent_size": h, "codebook_size": k, "code_dtype": np.dtype(code_dtype).name,
-        "num_class": int(config.num_class), "has_flipped": bool(flip),
+        "num_class": int(config.num_class), "has_flipped": bool(flip), "num_crops": int(crops),
+        "crops_requested": int(requested),
         "tokenizer_signature": signature, "tokenizer_signature_hash": signature_hash(signature),
         "tokenizer_weights_hash": tokenizer_weights_hash,
         "source": dataset.describe() if hasattr(dataset, "describe") else {"dataset": type(dataset).__name__},

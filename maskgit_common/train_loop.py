@@ -38,16 +38,20 @@ class LoopSettings:
   lr_schedule: str = "constant"
   log_every_steps: int = 50
   checkpoint_every_steps: int = 1000
+  warmup_rule: str = "official"  # training.learning_rate's rule
+  grad_accum: int = 1  # micro-batches per step (the seed's warmup counts them)
 
   @classmethod
   def from_train(cls, train) -> "LoopSettings":
     """From a config's `train` section (the transformer's settings)."""
     return cls(num_steps=train.num_train_steps, batch_size=train.batch_size, lr=train.lr,
                warmup_steps=train.warmup_steps, lr_schedule=train.lr_schedule,
-               log_every_steps=train.log_every_steps, checkpoint_every_steps=train.checkpoint_every_steps)
+               log_every_steps=train.log_every_steps, checkpoint_every_steps=train.checkpoint_every_steps,
+               warmup_rule=train.warmup_rule, grad_accum=train.grad_accum)
 
   def learning_rate(self, step: int) -> float:
-    return training.learning_rate(step, self.lr, self.warmup_steps, self.lr_schedule, self.num_steps)
+    return training.learning_rate(step, self.lr, self.warmup_steps, self.lr_schedule, self.num_steps,
+                                  self.warmup_rule, self.grad_accum)
 
 
 class TrainTask:
@@ -115,11 +119,13 @@ def _save(task: TrainTask, run: RunDir, step: int, position: int, meta: dict) ->
 
 
 def run(task: TrainTask, run_dir: RunDir, loop: LoopSettings, *, meta: dict | None = None,
-        stop_after: int | None = None, progress: bool = True) -> dict:
+        stop_after: int | None = None, progress: bool = True, start: tuple[int, int] | None = None) -> dict:
   """Trains from the resume point to loop.num_steps; returns {"step", "position", "losses" (this call's, per
   step), "record" (the last logged), "final" (what task.finish returned), "last_checkpoint", "resumed_from"}.
 
   `stop_after`: stop after this many steps of this call without saving (simulates a kill; tests).
+  `start`: (step, data position) where a run that begins from another run's state starts (train --init: a seed
+  checkpoint's iter and epoch, the task holding its weights); only when the workdir has no checkpoint to resume.
   """
   step, position, last_good = 0, 0, None
   if run_dir.resume is not None:
@@ -128,6 +134,8 @@ def run(task: TrainTask, run_dir: RunDir, loop: LoopSettings, *, meta: dict | No
     position, last_good = manifest["meta"]["position"], (step, path)
     if task.is_main:
       say(f"resumed from step {step} ({path})")
+  elif start is not None:
+    step, position = start
   resumed_from = step
   writer = training.MetricsWriter(run_dir.run_dir, enabled=task.is_main, resume_step=step)
   bar = tqdm.tqdm(total=loop.num_steps, initial=step, desc=task.label, unit="step",

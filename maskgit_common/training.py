@@ -43,13 +43,25 @@ class TrainingSetupError(UserError, ValueError):
   """A training input (workdir, tokenizer, checkpoint) cannot be used; the message names it and says why."""
 
 
-def learning_rate(step: int, lr: float, warmup_steps: int, schedule: str = "constant", num_steps: int = 0) -> float:
+def learning_rate(step: int, lr: float, warmup_steps: int, schedule: str = "constant", num_steps: int = 0,
+                  rule: str = "official", grad_accum: int = 1) -> float:
   """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then constant or cosine to 0.
 
-  Warmup reaches lr at step warmup_steps - 1 ((step + 1) / warmup_steps), so the first step already moves.
+  rule "official": warmup reaches lr at step warmup_steps - 1 ((step + 1) / warmup_steps), so the first step moves.
+  rule "seed": the seed's Trainer.adapt_learning_rate, lr * iter / (warmup_steps * grad_accum) while
+    iter < warmup_steps * grad_accum, where iter counts micro-batches and the optimizer steps on the last one of
+    each group (iter = step * grad_accum + grad_accum - 1): 0 at the first step when grad_accum is 1. (The seed
+    leaves the last warmup value, lr * (1 - 1 / (W k)), in the optimizer after warmup until a --resume resets it to
+    lr; the rate here is lr after warmup, as every resumed seed run has it.)
   `num_steps` (the run's total) is where the cosine reaches 0.
   """
-  if warmup_steps > 0 and step < warmup_steps:
+  if rule == "seed":
+    it, end = step * grad_accum + grad_accum - 1, warmup_steps * grad_accum
+    if it < end:
+      return lr * (it / end)
+  elif rule != "official":
+    raise ValueError(f"warmup rule {rule!r} is not 'official' or 'seed'")
+  elif warmup_steps > 0 and step < warmup_steps:
     return lr * (step + 1) / warmup_steps
   if schedule == "cosine":
     decay_steps = max(1, num_steps - warmup_steps)
@@ -145,6 +157,12 @@ class TrainingData:
     self.batch_size = config.train.batch_size
     self.seed = config.train.seed
     self.order = DataOrder(len(cache), self.seed)
+    self.crops = cache.num_crops if config.data.random_crops > 1 else 1
+    if config.data.random_crops > 1 and cache.crops_requested != config.data.random_crops:
+      from maskgit_common.token_cache import TokenCacheError  # pylint: disable=import-outside-toplevel
+      raise TokenCacheError(f"token cache {cache.path} was built with {cache.crops_requested} crop(s) per image, "
+                            f"data.random_crops={config.data.random_crops}: delete it to rebuild it (or set "
+                            f"data.random_crops={cache.crops_requested})")
 
   def indices(self, position: int, count: int) -> np.ndarray:
     return self.order.indices(position, count)
@@ -155,10 +173,12 @@ class TrainingData:
 
   def global_batch(self, step: int, position: int) -> dict[str, np.ndarray]:
     """The batch of optimizer step `step`, starting at data position `position` (numpy arrays)."""
-    idx = self.indices(position, self.batch_size)
-    codes = self.cache.codes(idx)
-    flipped = self.cache.codes(idx, flipped=True) if self.cache.has_flipped else None
-    return masking.make_batch(codes, self.cache.labels[idx], self.noise(step), self.config, flipped)
+    idx, noise = self.indices(position, self.batch_size), self.noise(step)
+    # Random crop: one of the cache's crops per example (with one crop, or crops off, the cache's centre crop).
+    crops = np.minimum((noise.crop * self.crops).astype(np.int64), self.crops - 1) if self.crops > 1 else None
+    codes = self.cache.codes(idx, crops=crops)
+    flipped = self.cache.codes(idx, flipped=True, crops=crops) if self.cache.has_flipped else None
+    return masking.make_batch(codes, self.cache.labels[idx], noise, self.config, flipped)
 
 
 def shard(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:

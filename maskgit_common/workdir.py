@@ -41,6 +41,12 @@ RESUME_EXEMPT = ("name", "train.num_train_steps", "train.log_every_steps", "trai
                  "settings.keep_checkpoints")
 
 
+# Settings added since checkpoints of STATE_FORMAT 2 were first written, with the value every earlier run had: a
+# fingerprint without the key (an older checkpoint) means that value, so those runs resume unchanged.
+ADDED_SETTINGS = {"train.recipe": "official", "train.warmup_rule": "official", "train.clip_rule": "optax",
+                  "data.random_crops": 1}
+
+
 class WorkdirInUseError(TrainingSetupError):
   """Another trainer holds the workdir's lock."""
 
@@ -126,7 +132,7 @@ def config_changes(old: dict, new: dict, exempt: Iterable[str] = RESUME_EXEMPT) 
   missing = object()
   out = []
   for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, missing), new.get(key, missing)
+    a, b = old.get(key, ADDED_SETTINGS.get(key, missing)), new.get(key, missing)
     if key not in exempt and a != b:
       out.append((key, "(absent)" if a is missing else a, "(absent)" if b is missing else b))
   return out

@@ -33,7 +33,7 @@ registered in `CHECKS` below. Each check takes a backend adapter (`checks_jax.Ja
 
 import numpy as np
 
-from parity_tests import seed_checks
+from parity_tests import seed_checks, seed_train_checks
 from parity_tests.case import compare_all, result
 
 # Forward order of the captured intermediates (FORMAT.md, transformer_intermediates.npz): the first module whose
@@ -230,4 +230,5 @@ CHECKS = {
     ("official", "schedule"): check_schedule,
     ("official", "decode.tokens"): lambda b, case: check_decode(b, case, "decode.npz", ""),
     ("official", "edit.tokens"): check_edit,
+    ("seed", "train.step"): seed_train_checks.check_train_step,
 }

@@ -42,7 +42,7 @@ def test_overrides_parse_json_values():
     ("sampler.mask_schedule=pow-1", r"sampler\.mask_schedule: 'powX' needs a positive number"),
     ("sampler.start_iter=8", r"sampler\.start_iter: must be <= 7"),
     ("train.lr=-1", r"train\.lr: must be > 0"),
-    ("train.precision=fp8", r"train\.precision: must be one of \['parity', 'fast'\]"),
+    ("train.precision=fp8", r"train\.precision: must be one of \['parity', 'fast', 'fp16'\]"),
     ("tokenizer.filters=48", r"tokenizer\.filters: .*multiple of num_groups=32"),
     ("image_size=30", r"image_size: must be a multiple of the tokenizer's downsampling factor 4"),
     ("transformer.mask_token_id=5", r"transformer\.mask_token_id: must be -1"),
