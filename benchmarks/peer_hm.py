@@ -73,8 +73,9 @@ def peer_config(mods: dict, config):
   cf = mods["maskgit_class_cond_config"].get_config()
   tc, tr = config.tokenizer, config.transformer
   cf.image_size, cf.num_class = config.image_size, config.num_class
-  cf.vqvae.update(filters=tc.filters, num_res_blocks=tc.num_res_blocks, channel_multipliers=list(tc.channel_multipliers),
-                  embedding_dim=tc.embedding_dim, codebook_size=tc.codebook_size, activation_fn=tc.activation_fn)
+  cf.vqvae.update(filters=tc.filters, num_res_blocks=tc.num_res_blocks,
+                  channel_multipliers=list(tc.channel_multipliers), embedding_dim=tc.embedding_dim,
+                  codebook_size=tc.codebook_size, activation_fn=tc.activation_fn)
   cf.transformer.update(num_layers=tr.num_layers, num_embeds=tr.num_embeds, intermediate_size=tr.intermediate_size,
                         num_heads=tr.num_heads, patch_size=config.image_size // config.latent_size,
                         latent_size=config.latent_size, mask_token_id=config.vocab_size - 1)

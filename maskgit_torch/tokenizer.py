@@ -33,6 +33,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from configs import MaskGITConfig, TokenizerConfig
+from maskgit_torch import device as device_lib
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +78,9 @@ WORKSPACE_LIMIT_BYTES = 1 << 30  # buffers kept between calls up to this size (6
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
+  """Eager float32 CPU inference (torch.compile traces the module path and picks layouts itself)."""
   return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-          and not torch.is_autocast_enabled("cpu"))
-
-
-def _hooked(module: nn.Module) -> bool:
-  """Whether forward hooks watch module or a submodule: they see the module-by-module forward, so they get it."""
-  return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks or  # pylint: disable=protected-access
-              any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))  # pylint: disable=protected-access
+          and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 class _Workspace:
@@ -120,7 +116,7 @@ def _nhwc_rows(x: torch.Tensor) -> torch.Tensor:
   return x.permute(0, 2, 3, 1).view(n, h * w, c)  # channels_last memory as (N, HW, C), a view
 
 
-def group_norm_act_into(norm: nn.GroupNorm, act, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _group_norm_act_into(norm: nn.GroupNorm, act, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
   """act(norm(x)) for a channels_last x, written into `out` (same shape and layout) and returned.
 
   torch's own channels_last GroupNorm sums each group in one float32 pass: 1.8e-5 max error at 256x256 (NCHW
@@ -141,7 +137,7 @@ def group_norm_act_into(norm: nn.GroupNorm, act, x: torch.Tensor, out: torch.Ten
   return act(out, inplace=True)
 
 
-def upsample_into(x: torch.Tensor, out: torch.Tensor, factor: int = 2) -> torch.Tensor:
+def _upsample_into(x: torch.Tensor, out: torch.Tensor, factor: int = 2) -> torch.Tensor:
   """`upsample` for a channels_last x, written into `out` (channels_last, factor x the size): the same values."""
   b, c, h, w = x.shape
   src = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, factor, w, factor, c)
@@ -172,8 +168,8 @@ class ResBlock(nn.Module):
 
   def _forward_channels_last(self, x: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
     """forward for a channels_last activation on the inference path (x itself is left as it is)."""
-    y = self.conv0(group_norm_act_into(self.norm0, self.act, x, workspace.get(x.shape)))
-    y = self.conv1(group_norm_act_into(self.norm1, self.act, y, workspace.get(y.shape)))
+    y = self.conv0(_group_norm_act_into(self.norm0, self.act, x, workspace.get(x.shape)))
+    y = self.conv1(_group_norm_act_into(self.norm1, self.act, y, workspace.get(y.shape)))
     return y.add_(self.shortcut(y) if self.shortcut is not None else x)  # y is this call's own conv output
 
 
@@ -235,7 +231,7 @@ class Decoder(nn.Module):
     self.conv_out = conv(ch, output_dim, 3, bias=True)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    if _cpu_inference(x) and not _hooked(self):
+    if _cpu_inference(x) and not device_lib.hooked(self):
       workspace = _WORKSPACES.setdefault(self, _Workspace())
       if workspace.lock.acquire(blocking=False):  # another thread decoding with this module: buffers of its own
         try:
@@ -267,8 +263,8 @@ class Decoder(nn.Module):
         x = next(blocks)._forward_channels_last(x, workspace)
       if level > 0:
         b, c, h, w = x.shape
-        x = next(upsample_convs)(upsample_into(x, workspace.get((b, c, 2 * h, 2 * w))))
-    x = self.conv_out(group_norm_act_into(self.norm_out, self.act, x, workspace.get(x.shape)))
+        x = next(upsample_convs)(_upsample_into(x, workspace.get((b, c, 2 * h, 2 * w))))
+    x = self.conv_out(_group_norm_act_into(self.norm_out, self.act, x, workspace.get(x.shape)))
     workspace.finish()
     return x
 
@@ -389,8 +385,8 @@ class VQVAE(nn.Module):
     """quantized (B, h, w, E) -> images (B, H, W, 3), unclipped."""
     # The channels_last path takes the NHWC latents as they are (a permuted view is channels_last) and returns
     # NHWC memory, so the final permute is a view there too.
-    x = quantized.permute(0, 3, 1, 2) if _cpu_inference(quantized) and not _hooked(self.decoder) else _nchw(quantized)
-    return self.decoder(x).permute(0, 2, 3, 1).float()
+    fast = _cpu_inference(quantized) and not device_lib.hooked(self.decoder)
+    return self.decoder(quantized.permute(0, 3, 1, 2) if fast else _nchw(quantized)).permute(0, 2, 3, 1).float()
 
   def decode_from_indices(self, codes: torch.Tensor) -> torch.Tensor:
     return self.decode(self.quantizer.decode_ids(codes))
