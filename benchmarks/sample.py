@@ -87,13 +87,20 @@ def decoder_flops(config) -> float:
   return float(counter.get_total_flops())
 
 
-def cpu_gemm_tflops(n: int = 2048, repeats: int = 5) -> float:
-  """A float32 rate this CPU reaches: the best of `repeats` (n, n) @ (n, n) torch matmuls (MKL), torch's threads."""
+GEMM_N = 2048
+GEMM = ("gemm", "float32")  # the reference "runner" timed among the others
+
+
+def cpu_gemm():
+  """A float32 GEMM this CPU reaches: (n, n) @ (n, n) with torch (MKL) on torch's threads, 2 n^3 FLOPs. Timed in
+  the same interleaved rounds as the rows, so the reference rate sees the same load from other jobs."""
   import torch  # pylint: disable=import-outside-toplevel
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  torch.mm(a, b)
-  best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
-  return 2 * n ** 3 / best / 1e12
+  a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+  return lambda: torch.mm(a, b)
+
+
+def gemm_tflops(seconds: float) -> float:
+  return 2 * GEMM_N ** 3 / seconds / 1e12
 
 
 def _seconds(fn) -> float:
@@ -372,11 +379,12 @@ def main(argv):
   print(f"# sample benchmark {time.strftime('%Y-%m-%d %H:%M')}: preset {preset}, device {device}, jax "
         f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}")
-  gemm = None
-  if not on_gpu:
-    gemm = cpu_gemm_tflops()
-    print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; float32 GEMM "
-          f"(2048^3, torch, {torch.get_num_threads()} threads): {1e3 * gemm:.1f} GFLOP/s = the `% peak` reference")
+  gemm = None if on_gpu else cpu_gemm()
+  if gemm is not None:
+    print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; `% peak` is of "
+          f"a float32 GEMM ({GEMM_N}^3, torch, {torch.get_num_threads()} threads: "
+          f"{1e3 * gemm_tflops(time_best({GEMM: gemm}, 5)[GEMM]):.1f} GFLOP/s now), timed again in each row group's "
+          f"rounds (`# gemm` lines)")
   image_flops = decoder_flops(config)
   print(f"# transformer: {model_flops(config, 1, False) / 1e9:.4g} GFLOP per image per step (analytic); "
         f"{model_flops(config, 8, False) / 1e9:.4g} GFLOP per image at 8 steps without guidance; tokenizer decoder "
@@ -401,14 +409,17 @@ def main(argv):
   print("| impl | precision | batch | steps | cfg | images/s | ms/batch | tokens->image ms | peak MiB | "
         "TFLOP/s | % peak | vs official | = parity | = official |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  t_start = time.perf_counter()
+  t_start, references = time.perf_counter(), []
   for steps in map(int, FLAGS.steps):
     for guidance in map(float, FLAGS.guidance):
       for batch in map(int, FLAGS.batch_sizes):
         # The official code and hmorimitsu's port have no classifier-free guidance.
         active = {n: r for n, r in runners.items() if not (n[0] in ("official", "hmorimitsu") and guidance)}
-        gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()},
-                        FLAGS.repeats)
+        gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()}
+                        | ({GEMM: gemm} if gemm else {}), FLAGS.repeats)
+        reference = gemm_tflops(gen.pop(GEMM)) if gemm else None
+        if reference:
+          references.append(f"batch {batch} steps {steps} cfg {guidance:g}: {1e3 * reference:.1f}")
         tokens = {n: np.asarray(call(n, lambda r=r: r.generate(batch, steps, guidance, seed=1))())
                   for n, r in active.items()}
         dec = time_best({n: call(n, lambda r=r, n=n: r.decode_tokens(tokens[n])) for n, r in active.items()},
@@ -424,7 +435,7 @@ def main(argv):
           set_precision(label)
           mem = runner.peak_memory(batch, steps, guidance)
           achieved = (model_flops(config, steps, bool(guidance)) + image_flops) * batch / seconds / 1e12
-          peak = peak_tflops(device, label) if on_gpu else gemm
+          peak = peak_tflops(device, label) if on_gpu else reference
           ratio = official / seconds if official else None
           print(f"| {impl} | {label} | {batch} | {steps} | {guidance:g} | {batch / seconds:.2f} | "
                 f"{1e3 * seconds:.2f} | {1e3 * dec[(impl, label)]:.2f} | {fmt(mem and mem / 2**20, '.1f')} | "
@@ -432,6 +443,8 @@ def main(argv):
                 f"{fmt(same_parity, '.4f')} | {fmt(same_official, '.4f')} |", flush=True)
   probe = (min(map(int, FLAGS.batch_sizes)), int(FLAGS.steps[0]))
   print()
+  if references:
+    print(f"# gemm: the float32 GEMM rate (GFLOP/s) in each row group's rounds: {'; '.join(references)}")
   for (impl, label), runner in runners.items():
     set_precision(label)
     for guidance in sorted({0.0} | ({max(map(float, FLAGS.guidance))} if impl not in ("official", "hmorimitsu")
