@@ -12,9 +12,14 @@ All implementations decode with the same random weights (JAX init, converted to 
              to numpy), in `parity` (float32) and `fast` (bfloat16) precision.
   torch_compiled  the torch pipeline with `torch_compile=True` (transformer, sampler step and tokenizer decoder
              compiled by torch.compile; --torch_compile_mode for the transformer, e.g. max-autotune).
+  hmorimitsu hmorimitsu/maskgit-torch (a PyTorch port of the official model) from the checkout --peer_hm names, on
+             the same weights (benchmarks/peer_hm.py), parity (float32) only; no guidance. Its code is not part of
+             this repository.
 Per row: images/s and time per batch (best of --repeats after one warm-up/compile call), tokens -> image time
 alone, peak memory (torch: max_memory_allocated on CUDA; JAX: XLA's buffer plan for the decode program, arguments +
-outputs + temporaries, on any device), analytic transformer FLOPs and the achieved rate against the device's peak,
+outputs + temporaries, on any device), model FLOPs (the transformer's, analytic, plus the tokenizer decoder's
+convolutions, counted by torch's FlopCounterMode) and the achieved rate against the device's peak (GPU: data sheet;
+CPU: a float32 GEMM this run times, printed in the header with the CPU's ISA),
 the speed ratio to the official code (same batch/steps, no guidance, same run), and token agreement: `= parity` is
 the fraction of tokens a fast row shares with its own parity row (same seed), `= official` the fraction maskgit_jax
 shares with the official code from the same PRNG key (torch draws from torch.Generator, so no such column).
@@ -50,6 +55,7 @@ flags.DEFINE_list("impls", ["official", "jax", "torch", "torch_compiled"], "Impl
 flags.DEFINE_list("precisions", ["parity", "fast"], "parity (float32) and/or fast (bfloat16; official: `default`).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per row (the best is reported), after one warm-up/compile call.")
 flags.DEFINE_integer("cpu_threads", 0, "CPU only: intra-op threads for torch and XLA alike (0 = their defaults).")
+flags.DEFINE_string("peer_hm", None, "A checkout of hmorimitsu/maskgit-torch to time beside the others (parity only).")
 flags.DEFINE_string("torch_compile_mode", "default", "torch_compiled: torch.compile mode of the transformer "
                     "(default, max-autotune, reduce-overhead = CUDA graphs, ...).")
 
@@ -65,6 +71,42 @@ def model_flops(config, steps: int, guidance: bool) -> float:
   per_layer = 2 * s * (4 * d * d + 2 * d * tc.intermediate_size) + 2 * 2 * s * s * d  # projections, MLP, attention
   head = 2 * s * (d * d + d * config.vocab_size)  # MLM dense + tied output matmul
   return steps * (tc.num_layers * per_layer + head) * (2 if guidance else 1)
+
+
+def decoder_flops(config) -> float:
+  """Tokens -> image FLOPs per image: the tokenizer decoder's convolutions, as torch's FlopCounterMode counts them on
+  the meta device (nothing is computed)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
+  from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
+  with torch.device("meta"):
+    model = VQVAE(config).eval()
+    codes = torch.zeros((1, config.latent_size, config.latent_size), dtype=torch.long)
+  with FlopCounterMode(display=False) as counter, torch.no_grad():
+    model.decode_from_indices(codes)
+  return float(counter.get_total_flops())
+
+
+GEMM_N = 2048
+GEMM = ("gemm", "float32")  # the reference "runner" timed among the others
+
+
+def cpu_gemm():
+  """A float32 GEMM this CPU reaches: (n, n) @ (n, n) with torch (MKL) on torch's threads, 2 n^3 FLOPs. Timed in
+  the same interleaved rounds as the rows, so the reference rate sees the same load from other jobs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+  return lambda: torch.mm(a, b)
+
+
+def gemm_tflops(seconds: float) -> float:
+  return 2 * GEMM_N ** 3 / seconds / 1e12
+
+
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
 
 
 def device_name() -> str:
@@ -223,19 +265,26 @@ class JaxRunner:
     return jax_transfer_check(lambda: jax.block_until_ready(self.model.decode_sequences(*args).final_seqs))
 
 
+def torch_modules(config, variables) -> dict:
+  """{part: torch module in eval mode}: the JAX init, converted to torch as a user would."""
+  import conversion  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import checkpoint  # pylint: disable=import-outside-toplevel
+  modules = {}
+  for w, v in variables.items():
+    modules[w] = checkpoint.make_model(config, w).eval()
+    flat = conversion.flatten({"params": numpy_tree(v["params"])})
+    modules[w].load_state_dict(checkpoint.from_flat(config, w, flat))
+  return modules
+
+
 class TorchRunner:
   """maskgit_torch.pipeline.MaskGIT (autocast bf16 + SDPA in fast mode), eager or with torch_compile."""
 
   def __init__(self, config, variables, precision: str, compiled: bool = False):
     import torch  # pylint: disable=import-outside-toplevel
-    import conversion  # pylint: disable=import-outside-toplevel
-    from maskgit_torch import checkpoint, pipeline  # pylint: disable=import-outside-toplevel
+    from maskgit_torch import pipeline  # pylint: disable=import-outside-toplevel
     self.torch, self.config = torch, config
-    modules = {}
-    for w, v in variables.items():  # the JAX init, converted to torch as a user would
-      modules[w] = checkpoint.make_model(config, w).eval()
-      flat = conversion.flatten({"params": numpy_tree(v["params"])})
-      modules[w].load_state_dict(checkpoint.from_flat(config, w, flat))
+    modules = torch_modules(config, variables)
     self.model = pipeline.MaskGIT(config, modules["tokenizer"], modules["transformer"], precision=precision,
                                   torch_compile=FLAGS.torch_compile_mode if compiled else False)
     self.cuda = self.model.device.type == "cuda"
@@ -284,6 +333,10 @@ def make_runner(impl, precision, config, variables):
     return OfficialRunner(config, variables)
   if impl == "jax":
     return JaxRunner(config, variables, precision)
+  if impl == "hmorimitsu":
+    from benchmarks import peer_hm  # pylint: disable=import-outside-toplevel
+    modules = torch_modules(config, variables)
+    return peer_hm.PeerRunner(FLAGS.peer_hm, config, modules["tokenizer"], modules["transformer"])
   return TorchRunner(config, variables, precision, compiled=impl == "torch_compiled")
 
 
@@ -299,14 +352,17 @@ def fmt(value, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
-IMPLS = ("official", "jax", "torch", "torch_compiled")
+IMPLS = ("official", "jax", "torch", "torch_compiled", "hmorimitsu")
 
 
 def main(argv):
   del argv
-  unknown = sorted(set(FLAGS.impls) - set(IMPLS))
+  impls = list(FLAGS.impls) + (["hmorimitsu"] if FLAGS.peer_hm and "hmorimitsu" not in FLAGS.impls else [])
+  unknown = sorted(set(impls) - set(IMPLS))
   if unknown:
     raise app.UsageError(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
+  if "hmorimitsu" in impls and not FLAGS.peer_hm:
+    raise app.UsageError("--impls hmorimitsu needs --peer_hm DIR (a checkout of hmorimitsu/maskgit-torch)")
   set_cpu_threads(FLAGS.cpu_threads)
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -319,16 +375,26 @@ def main(argv):
   config = get_preset(preset)
   variables = {w: checkpoint.init_variables(config, w, jax.random.PRNGKey(i))
                for i, w in enumerate(("tokenizer", "transformer"))}
-  print(f"# sample benchmark: preset {preset}, device {device}, jax {jax.__version__} ({jax.default_backend()}), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-        f"; load average {os.getloadavg()}")
+  from maskgit_torch import device as torch_device  # pylint: disable=import-outside-toplevel
+  print(f"# sample benchmark {time.strftime('%Y-%m-%d %H:%M')}: preset {preset}, device {device}, jax "
+        f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}")
+  gemm = None if on_gpu else cpu_gemm()
+  if gemm is not None:
+    print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; `% peak` is of "
+          f"a float32 GEMM ({GEMM_N}^3, torch, {torch.get_num_threads()} threads: "
+          f"{1e3 * gemm_tflops(time_best({GEMM: gemm}, 5)[GEMM]):.1f} GFLOP/s now), timed again in each row group's "
+          f"rounds (`# gemm` lines)")
+  image_flops = decoder_flops(config)
   print(f"# transformer: {model_flops(config, 1, False) / 1e9:.4g} GFLOP per image per step (analytic); "
-        f"{model_flops(config, 8, False) / 1e9:.4g} GFLOP per image at 8 steps without guidance")
+        f"{model_flops(config, 8, False) / 1e9:.4g} GFLOP per image at 8 steps without guidance; tokenizer decoder "
+        f"{image_flops / 1e9:.4g} GFLOP per image (counted); TFLOP/s counts both")
   # (impl, precision as run, precision label): the official code runs `default` (as released) only on a GPU,
-  # where it differs from `parity`; it has no bfloat16 switch.
+  # where it differs from `parity`; it has no bfloat16 switch. hmorimitsu's port runs float32 only.
   variants = [(impl, p, "default" if impl == "official" and p == "fast" else p)
-              for impl in FLAGS.impls for p in FLAGS.precisions if not (impl == "official" and p == "fast" and
-                                                                          not on_gpu)]
+              for impl in impls for p in FLAGS.precisions
+              if not (impl == "official" and p == "fast" and not on_gpu)
+              and not (impl == "hmorimitsu" and p != "parity")]
   runners = {}
   for impl, precision, label in variants:
     set_precision(label)
@@ -343,14 +409,17 @@ def main(argv):
   print("| impl | precision | batch | steps | cfg | images/s | ms/batch | tokens->image ms | peak MiB | "
         "TFLOP/s | % peak | vs official | = parity | = official |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  t_start = time.perf_counter()
+  t_start, references = time.perf_counter(), []
   for steps in map(int, FLAGS.steps):
     for guidance in map(float, FLAGS.guidance):
       for batch in map(int, FLAGS.batch_sizes):
-        # The official code has no classifier-free guidance.
-        active = {n: r for n, r in runners.items() if not (n[0] == "official" and guidance)}
-        gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()},
-                        FLAGS.repeats)
+        # The official code and hmorimitsu's port have no classifier-free guidance.
+        active = {n: r for n, r in runners.items() if not (n[0] in ("official", "hmorimitsu") and guidance)}
+        gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()}
+                        | ({GEMM: gemm} if gemm else {}), FLAGS.repeats)
+        reference = gemm_tflops(gen.pop(GEMM)) if gemm else None
+        if reference:
+          references.append(f"batch {batch} steps {steps} cfg {guidance:g}: {1e3 * reference:.1f}")
         tokens = {n: np.asarray(call(n, lambda r=r: r.generate(batch, steps, guidance, seed=1))())
                   for n, r in active.items()}
         dec = time_best({n: call(n, lambda r=r, n=n: r.decode_tokens(tokens[n])) for n, r in active.items()},
@@ -365,8 +434,8 @@ def main(argv):
                            if impl == "jax" and ("official", "parity") in tokens else None)
           set_precision(label)
           mem = runner.peak_memory(batch, steps, guidance)
-          achieved = model_flops(config, steps, bool(guidance)) * batch / seconds / 1e12
-          peak = peak_tflops(device, label)
+          achieved = (model_flops(config, steps, bool(guidance)) + image_flops) * batch / seconds / 1e12
+          peak = peak_tflops(device, label) if on_gpu else reference
           ratio = official / seconds if official else None
           print(f"| {impl} | {label} | {batch} | {steps} | {guidance:g} | {batch / seconds:.2f} | "
                 f"{1e3 * seconds:.2f} | {1e3 * dec[(impl, label)]:.2f} | {fmt(mem and mem / 2**20, '.1f')} | "
@@ -374,11 +443,15 @@ def main(argv):
                 f"{fmt(same_parity, '.4f')} | {fmt(same_official, '.4f')} |", flush=True)
   probe = (min(map(int, FLAGS.batch_sizes)), int(FLAGS.steps[0]))
   print()
+  if references:
+    print(f"# gemm: the float32 GEMM rate (GFLOP/s) in each row group's rounds: {'; '.join(references)}")
   for (impl, label), runner in runners.items():
     set_precision(label)
-    for guidance in sorted({0.0} | ({max(map(float, FLAGS.guidance))} if impl != "official" else set())):
+    for guidance in sorted({0.0} | ({max(map(float, FLAGS.guidance))} if impl not in ("official", "hmorimitsu")
+                                    else set())):
       print(f"# {impl} {label} cfg {guidance:g}: host syncs/transfers during one decode (batch {probe[0]}, "
             f"{probe[1]} steps): {runner.sync_check(*probe, guidance)}")
+  print(f"# torch CPU kernel choices measured in this run: {torch_device.kernel_choices() or 'none'}")
   print(f"# wall time {time.perf_counter() - t_start:.0f} s; load average at the end {os.getloadavg()}")
 
 

@@ -1,0 +1,191 @@
+"""The torch CPU inference fast paths (issue 20) compute what the module-by-module forward computes.
+
+Each path against its reference: the channels_last decoder (buffers reused across calls) against the NCHW module
+forward and a float64 decode; its GroupNorm against float64 where torch's own channels_last GroupNorm is coarser;
+both CPU GELU forms against the float64 tanh GELU; the fused q/k/v GEMM against the three projections, its cache
+against weight changes; the kernel chooser's pinning; native bfloat16 from the CPU's flags.
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import get_preset
+from maskgit_torch import device as device_lib
+from maskgit_torch import tokenizer as torch_tokenizer
+from maskgit_torch.tokenizer import VQVAE
+from maskgit_torch.transformer import CPU_GELU, Transformer, gelu
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = get_preset("tiny")
+  torch.manual_seed(0)
+  return config, VQVAE(config).eval(), Transformer(config).eval()
+
+
+def _float64_decode(tokenizer, codes):
+  t64 = copy.deepcopy(tokenizer).double()
+  with torch.no_grad():
+    return t64.decoder(t64.quantizer.codebook[codes].permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+
+
+def test_channels_last_decoder_matches_the_module_forward(tiny):
+  config, tokenizer, _ = tiny
+  codes = torch.randint(0, config.codebook_size, (3, config.latent_size, config.latent_size))
+  module_path = tokenizer.decode_from_indices(codes).detach()  # autograd on: the NCHW module forward
+  with torch.inference_mode():
+    fast = tokenizer.decode_from_indices(codes)
+    again = tokenizer.decode_from_indices(codes)
+    other_batch = tokenizer.decode_from_indices(codes[:1])
+  exact = _float64_decode(tokenizer, codes)
+  assert fast.shape == (3, config.image_size, config.image_size, 3) and fast.is_contiguous()  # NHWC memory
+  # Measured 6.8e-6 apart on this preset (channels_last oneDNN convolutions round differently), each within
+  # 5.5e-6 of float64; the parity bound is 1e-4.
+  assert (fast - module_path).abs().max() < 2e-5
+  assert (fast.double() - exact).abs().max() < 2e-5
+  assert torch.equal(fast, again)  # reused buffers carry nothing from call to call
+  assert (other_batch.double() - exact[:1]).abs().max() < 2e-5  # a new shape: new buffers
+
+
+def test_decoder_keeps_its_buffers_for_calls_of_one_shape(tiny):
+  config, tokenizer, _ = tiny
+  codes = torch.randint(0, config.codebook_size, (2, config.latent_size, config.latent_size))
+  with torch.inference_mode():
+    tokenizer.decode_from_indices(codes)
+    workspace = torch_tokenizer._WORKSPACES[tokenizer.decoder]  # pylint: disable=protected-access
+    pointers = {k: b.data_ptr() for k, b in workspace.buffers.items()}
+    tokenizer.decode_from_indices(codes)
+  assert pointers and {k: b.data_ptr() for k, b in workspace.buffers.items()} == pointers
+  assert all(b.is_contiguous(memory_format=torch.channels_last) for b in workspace.buffers.values())
+  assert not any("buffer" in k or "workspace" in k for k in tokenizer.state_dict())
+
+
+def test_hooks_see_the_module_forward(tiny):
+  """Forward hooks (parity_tests.intermediates) get the module-by-module NCHW forward, bit for bit."""
+  config, tokenizer, _ = tiny
+  codes = torch.randint(0, config.codebook_size, (1, config.latent_size, config.latent_size))
+  seen = []
+  handle = tokenizer.decoder.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))
+  try:
+    with torch.inference_mode():
+      hooked = tokenizer.decode_from_indices(codes)
+  finally:
+    handle.remove()
+  assert len(seen) == 1
+  assert torch.equal(hooked, tokenizer.decode_from_indices(codes).detach())
+
+
+def test_channels_last_group_norm_is_accurate():
+  """torch's channels_last GroupNorm sums a group in one float32 pass (measured 4.9e-6 off float64 here, NCHW 9e-7);
+  the decoder's own keeps the NCHW accuracy."""
+  torch.manual_seed(0)
+  x = (torch.randn(2, 64, 96, 96) * 3 + 1.5).contiguous(memory_format=torch.channels_last)
+  norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+  with torch.no_grad():
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.normal_()
+    exact = F.silu(F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-6))
+    out = torch.empty_like(x)
+    ours = torch_tokenizer._group_norm_act_into(norm, F.silu, x, out)  # pylint: disable=protected-access
+    torch_cl = F.silu(F.group_norm(x, 32, norm.weight, norm.bias, 1e-6))
+  assert ours.data_ptr() == out.data_ptr()
+  assert (ours.double() - exact).abs().max() < 2e-6
+  assert (torch_cl.double() - exact).abs().max() > (ours.double() - exact).abs().max()
+
+
+def test_upsample_into_is_the_nearest_upsample():
+  x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+  out = torch.empty(2, 6, 8, 5).permute(0, 3, 1, 2)
+  assert torch.equal(torch_tokenizer._upsample_into(x, out), torch_tokenizer.upsample(x))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("form", sorted(CPU_GELU))
+def test_both_cpu_gelu_forms_are_the_official_tanh_gelu(form):
+  """Each form the chooser may take is the tanh GELU to float32 rounding; the erf GELU would fail this."""
+  x = torch.linspace(-12, 12, 240001)
+  xd = x.double()
+  exact = 0.5 * xd * (1 + torch.tanh(0.7978845608028654 * (xd + 0.044715 * xd ** 3)))
+  ulp = torch.finfo(torch.float32).eps * xd.abs().clamp_min(1)
+  with torch.inference_mode():
+    y = CPU_GELU[form](x)
+  assert ((y.double() - exact).abs() / ulp).max() <= 2  # measured <= 1.24
+  assert ((F.gelu(x).double() - exact).abs() / ulp).max() > 100  # the exact erf GELU is another function
+
+
+@pytest.mark.parametrize("form", sorted(CPU_GELU))
+def test_gelu_takes_the_pinned_form(form, monkeypatch):
+  monkeypatch.setenv(device_lib.KERNEL_ENV, f"gelu={form}")
+  x = torch.randn(4, 33, 128)
+  with torch.inference_mode():
+    assert torch.equal(gelu(x), CPU_GELU[form](x))
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "gelu=erf")
+  with pytest.raises(device_lib.DeviceError, match="gelu=erf"):
+    with torch.inference_mode():
+      gelu(x)
+
+
+def test_the_chooser_measures_once_and_reports():
+  calls = {"a": 0, "b": 0}
+
+  def make(name, seconds):
+    def fn(x):
+      calls[name] += 1
+      end = time.perf_counter() + seconds
+      while time.perf_counter() < end:
+        pass
+      return x
+    return fn
+
+  candidates = {"a": make("a", 2e-3), "b": make("b", 0.0)}
+  x = torch.zeros(1000)
+  assert device_lib.fastest("test_kernel", candidates, x, repeats=2) == "b"
+  assert calls == {"a": 3, "b": 3}  # one warm-up round and two timed ones, only the first time
+  assert device_lib.fastest("test_kernel", candidates, x, repeats=2) == "b" and calls == {"a": 3, "b": 3}
+  assert device_lib.kernel_choices()["test_kernel (< 1024 elements)"] == "b"
+
+
+def test_fused_qkv_equals_the_three_projections(tiny):
+  config, _, transformer = tiny
+  ids = torch.randint(0, config.codebook_size, (2, config.seq_len))
+  reference = transformer(ids).detach()  # autograd on: three projections, F.gelu
+  with torch.inference_mode():
+    fused = transformer(ids)
+  attention = transformer.layers[0].attention.self_attention
+  assert attention._qkv_cache is not None  # pylint: disable=protected-access
+  assert (fused - reference).abs().max() < 1e-5
+  assert not any("qkv" in k for k in transformer.state_dict())
+
+
+def test_fused_qkv_follows_weight_changes(tiny):
+  config, _, transformer = tiny
+  model = copy.deepcopy(transformer)
+  ids = torch.randint(0, config.codebook_size, (1, config.seq_len))
+  with torch.inference_mode():
+    model(ids)
+  state = {k: v + 0.5 * torch.randn_like(v) if "query.weight" in k else v for k, v in model.state_dict().items()}
+  model.load_state_dict(state)  # in place: bumps the version counters
+  with torch.inference_mode():
+    changed = model(ids)
+  assert (changed - model(ids).detach()).abs().max() < 1e-5
+  assert (changed - transformer(ids).detach()).abs().max() > 1e-3
+
+
+def test_models_made_in_inference_mode_take_the_three_projections(tiny):
+  config, _, transformer = tiny
+  with torch.inference_mode():
+    model = Transformer(config).eval()
+    model.load_state_dict(transformer.state_dict())
+    model(torch.randint(0, config.codebook_size, (1, config.seq_len)))
+  assert model.layers[0].attention.self_attention._qkv_cache is None  # pylint: disable=protected-access
+
+
+def test_native_bfloat16_needs_the_bf16_units(monkeypatch):
+  for flags, native in ((frozenset({"avx512f", "avx512bw"}), False), (frozenset({"avx2"}), False),
+                        (frozenset({"avx512f", "avx512_bf16"}), True), (frozenset({"amx_tile", "amx_bf16"}), True)):
+    monkeypatch.setattr(device_lib, "cpu_features", lambda flags=flags: flags)
+    assert device_lib.native_cpu_bfloat16() is native, flags
+  assert "kernels" in device_lib.cpu_isa()
