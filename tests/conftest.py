@@ -5,7 +5,11 @@ toy logits table) and the TensorBoard reader.
 Expensive setup is session-scoped (a checkpoint is written once, a pipeline loaded and compiled once); the values
 are shared, so a test must not change them (copy first). Plain functions are fixtures too; the few callers that
 cannot take fixtures (subprocess scripts) import them from here.
+
+The frameworks are imported inside the functions that need them, so a suite run without one of them (the tests
+that need it skip themselves) still collects.
 """
+# pylint: disable=import-outside-toplevel
 
 import functools
 import json
@@ -21,21 +25,22 @@ GOLDEN_DIR = os.path.join(REPO, "parity_tests", "data")
 # The vendored golden cases ---------------------------------------------------------------------------------------
 def golden_cases():
   """Case directories of the vendored golden fixtures (any directory holding a config.json), sorted."""
-  return sorted(os.path.join(GOLDEN_DIR, d) for d in os.listdir(GOLDEN_DIR)
-                if os.path.isfile(os.path.join(GOLDEN_DIR, d, "config.json")))
+  from parity_tests.case import find_cases
+  return find_cases(GOLDEN_DIR)
 
 
 @functools.lru_cache(maxsize=None)
 def golden_config(case_dir):
   """The MaskGITConfig of a golden case (its official config.json), read once."""
-  from configs import MaskGITConfig  # pylint: disable=import-outside-toplevel
+  from configs import MaskGITConfig
   with open(os.path.join(case_dir, "config.json")) as f:
     return MaskGITConfig.from_official(json.load(f), name=os.path.basename(case_dir))
 
 
-@pytest.fixture(scope="session", params=golden_cases(), ids=os.path.basename)
+@pytest.fixture(scope="module", params=golden_cases(), ids=os.path.basename)
 def golden_case(request):
-  """Each vendored golden case directory in turn (a test taking it runs once per case)."""
+  """Each vendored golden case directory in turn (a test taking it runs once per case). Module scope: pytest groups
+  a module's tests by case, never moving tests across modules (as a session-scoped parameter would)."""
   return request.param
 
 
@@ -64,7 +69,7 @@ TINY_CLASSES = ("circle", "square", "triangle")
 def tiny_model_config(class_names=TINY_CLASSES):
   """The tiny preset (32x32 images, 8x8 tokens, 64 codes) with a 1-layer 32-wide transformer, 4 decoding steps (edits
   from step 1) and one class per name: seconds to sample in either backend."""
-  import configs  # pylint: disable=import-outside-toplevel
+  import configs
   config = configs.get_preset("tiny").with_overrides({
       "num_class": len(class_names), "transformer.num_layers": 1, "transformer.num_embeds": 32,
       "transformer.num_heads": 2, "transformer.intermediate_size": 64, "sampler.num_iter": 4,
@@ -74,10 +79,10 @@ def tiny_model_config(class_names=TINY_CLASSES):
 
 def write_random_checkpoint(path, config, tokenizer=True, transformer=True, seed=0, overwrite=False):
   """A torch checkpoint directory of randomly initialised models (torch's init, seeded); returns `path`."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
+  import torch
+  from maskgit_torch.checkpoint import save_checkpoint
+  from maskgit_torch.tokenizer import VQVAE
+  from maskgit_torch.transformer import Transformer
   torch.manual_seed(seed)
   models = {"tokenizer": VQVAE(config)} if tokenizer else {}
   if transformer:
@@ -101,7 +106,7 @@ def write_random_checkpoint_fixture():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
   """(config, torch checkpoint dir, the same weights converted to a JAX checkpoint dir): 3 classes, random init."""
-  import conversion  # pylint: disable=import-outside-toplevel
+  import conversion
   config = tiny_model_config()
   root = tmp_path_factory.mktemp("tiny_checkpoint")
   torch_dir = write_random_checkpoint(str(root / "torch"), config)
@@ -114,8 +119,8 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_pipelines(tiny_checkpoint):
   """{(backend, layout): MaskGIT} for both backends over both layouts of tiny_checkpoint, on the CPU, parity
   precision; loaded (and the JAX ones compiled) once for the session."""
-  from maskgit_jax import pipeline as jax_pipeline  # pylint: disable=import-outside-toplevel
-  from maskgit_torch import pipeline as torch_pipeline  # pylint: disable=import-outside-toplevel
+  from maskgit_jax import pipeline as jax_pipeline
+  from maskgit_torch import pipeline as torch_pipeline
   _, torch_dir, jax_dir = tiny_checkpoint
   return {(backend, layout): module.MaskGIT.from_checkpoint(path, device="cpu")
           for backend, module in (("torch", torch_pipeline), ("jax", jax_pipeline))
@@ -125,9 +130,9 @@ def tiny_pipelines(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_transformer_variables():
   """(config, variables): the tiny preset's transformer, JAX random init from PRNGKey(0)."""
-  import configs  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from maskgit_jax.checkpoint import init_variables  # pylint: disable=import-outside-toplevel
+  import configs
+  import jax
+  from maskgit_jax.checkpoint import init_variables
   config = configs.tiny()
   return config, init_variables(config, "transformer", jax.random.PRNGKey(0))
 
@@ -142,7 +147,7 @@ def tokenizer_only_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_checkpoint(tmp_path_factory):
   """(config, torch checkpoint dir): the tiny model over the ten built-in synthetic classes, as the demo model."""
-  from maskgit_common import data  # pylint: disable=import-outside-toplevel
+  from maskgit_common import data
   config = tiny_model_config(data.SYNTHETIC_CLASSES)
   return config, write_random_checkpoint(str(tmp_path_factory.mktemp("synthetic") / "checkpoint"), config)
 
@@ -155,7 +160,7 @@ def random_config(seed: int):
   codebook size, image size (odd latent sides included: TF SAME padding of stride-2 pooling), layers, heads, head
   dim, MLP size and class count.
   """
-  import configs  # pylint: disable=import-outside-toplevel
+  import configs
   rng = np.random.default_rng(seed)
   levels = int(rng.integers(1, 4))
   side = int(rng.integers(2, 6))
@@ -181,7 +186,7 @@ def random_params(config, which: str, seed: int) -> dict:
   N(0, 0.1^2); embeddings and the codebook N(0, 1) (codebook rows then sit far apart compared with float32 error,
   which keeps nearest-code margins clear).
   """
-  import conversion  # pylint: disable=import-outside-toplevel
+  import conversion
   rng = np.random.default_rng(seed)
   flat = {}
   for rule in conversion.param_table(config, which):
@@ -218,8 +223,8 @@ def toy_logits(seq_len=65, k=32, num_class=10, seed=0):
 
   Returns (jax_fn, torch_fn, k, num_class); ids are taken modulo the vocabulary, so -1 (mask) reads the last row.
   The same arguments give the same functions (cached), so jitted callers reuse their compilations."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  import torch
   vocab = k + num_class + 1
   table = np.random.default_rng(seed).normal(size=(seq_len, vocab, k)).astype(np.float32)
   jt, tt = jnp.asarray(table), torch.from_numpy(table)
@@ -251,7 +256,7 @@ def patch_encoder(config):
 def small_train_config(cache: str = "", **train):
   """The tiny preset with a 1-layer 32-wide transformer and batch 16 (seconds per run on a CPU); `cache`: read
   this token cache; `train`: train.<field> overrides."""
-  import configs  # pylint: disable=import-outside-toplevel
+  import configs
   overrides = {"transformer.num_layers": 1, "transformer.num_embeds": 32, "transformer.num_heads": 2,
                "transformer.intermediate_size": 64, "train.batch_size": 16, "train.warmup_steps": 5,
                "train.num_train_steps": 30, "train.checkpoint_every_steps": 10, "train.log_every_steps": 5}
@@ -276,7 +281,7 @@ def small_train_config_fixture():
 @pytest.fixture(scope="session")
 def train_token_cache(tmp_path_factory):
   """A token cache of 256 synthetic images through patch_encoder, for small_train_config (built once)."""
-  from maskgit_common import data as data_lib, token_cache  # pylint: disable=import-outside-toplevel
+  from maskgit_common import data as data_lib, token_cache
   path = str(tmp_path_factory.mktemp("token_cache") / "tokens")
   config = small_train_config()
   token_cache.build(path, data_lib.SyntheticDataset(256, config.image_size, config.num_class), patch_encoder(config),
@@ -288,7 +293,7 @@ def train_token_cache(tmp_path_factory):
 def tensorboard_scalars(logdir):
   """Every scalar of a log directory as TensorBoard reads it ({tag: [(step, value)]}, its EventAccumulator:
   several event files in order, with the steps a resumed run purged left out)."""
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   events = EventAccumulator(logdir)
   events.Reload()
   return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
