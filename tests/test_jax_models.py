@@ -1,4 +1,5 @@
-"""maskgit_jax tokenizer, transformer and checkpoint loader against every golden case (and the live official code).
+"""maskgit_jax tokenizer, transformer and checkpoint loader against the golden cases and the live official code
+(parameter trees of every case; outputs of the largest case by default, of every case with `-m slow`).
 
 Every float check has two parts:
   * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5
@@ -30,6 +31,7 @@ from maskgit_jax.checkpoint import CheckpointError, expected_shapes, init_variab
 from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 from parity_tests import oracle
+from parity_tests.case import find_cases
 from parity_tests.intermediates import flatten_flax
 
 TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets': JAX vs official latents, reconstructions, logits
@@ -74,28 +76,51 @@ def _transformer_outputs(model, variables, tio, inter):
 
 @pytest.fixture(scope="module")
 def case_data(golden_config):
-  """case_data(case_dir) -> config, variables (loaded with the full tree check), fixtures, our outputs and the live
-  official outputs; computed once per case for the module."""
+  """case_data(case_dir, outputs=True) -> config, variables (loaded with the full tree check) and fixtures; with
+  outputs, also our outputs and the live official outputs (eager, the expensive part). Each computed once per case
+  for the module."""
   @functools.lru_cache(maxsize=None)
-  def compute(case_dir):
+  def load(case_dir):
     cfg = golden_config(case_dir)
     npz = lambda name: dict(np.load(os.path.join(case_dir, name)))
     data = dict(cfg=cfg, tokenizer_io=npz("tokenizer_io.npz"), transformer_io=npz("transformer_io.npz"),
                 intermediates=npz("transformer_intermediates.npz"))
     data["variables"] = load_checkpoint(case_dir, cfg)[1]  # every leaf checked against the official table
-    ours = _tokenizer_outputs(VQVAE(cfg), data["variables"]["tokenizer"], data["tokenizer_io"], official=False)
-    ours.update(_transformer_outputs(Transformer(cfg), data["variables"]["transformer"], data["transformer_io"],
-                                     data["intermediates"]))
-    data["ours"] = ours
-    data["official"] = None
-    if oracle.official_skip_reason() is None:
-      official = _tokenizer_outputs(oracle.official_tokenizer(cfg), data["variables"]["tokenizer"],
-                                    data["tokenizer_io"], official=True)
-      official.update(_transformer_outputs(oracle.official_transformer(cfg), data["variables"]["transformer"],
-                                           data["transformer_io"], data["intermediates"]))
-      data["official"] = official
     return data
-  return compute
+
+  def get(case_dir, outputs=True):
+    data = load(case_dir)
+    if outputs and "ours" not in data:
+      cfg, variables = data["cfg"], data["variables"]
+      ours = _tokenizer_outputs(VQVAE(cfg), variables["tokenizer"], data["tokenizer_io"], official=False)
+      ours.update(_transformer_outputs(Transformer(cfg), variables["transformer"], data["transformer_io"],
+                                       data["intermediates"]))
+      data["ours"] = ours
+      data["official"] = None
+      if oracle.official_skip_reason() is None:
+        official = _tokenizer_outputs(oracle.official_tokenizer(cfg), variables["tokenizer"], data["tokenizer_io"],
+                                      official=True)
+        official.update(_transformer_outputs(oracle.official_transformer(cfg), variables["transformer"],
+                                             data["transformer_io"], data["intermediates"]))
+        data["official"] = official
+    return data
+  return get
+
+
+# The output comparisons (eager, ours and the live official: tens of seconds per case) run on the largest golden
+# case by default, on every case under -m slow: the largest (`small`) has every dimension of the others and more
+# (4 resolution levels, 2 residual blocks, 3 layers, 6 heads), and the parity runner checks every case's JAX
+# outputs against its recording on every run.
+_CASES = find_cases(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parity_tests", "data"))
+_LARGEST = max(_CASES, key=lambda c: sum(os.path.getsize(os.path.join(c, f"{w}.msgpack"))
+                                         for w in ("tokenizer", "transformer")))
+
+
+@pytest.fixture(scope="module", params=[pytest.param(c, id=os.path.basename(c),
+                                                     marks=() if c == _LARGEST else pytest.mark.slow)
+                                        for c in _CASES])
+def compared_case(request):
+  return request.param
 
 
 def _f64(tree):
@@ -135,7 +160,7 @@ def test_param_trees_equal_official(golden_case, golden_config, case_data):
   for which in ("tokenizer", "transformer"):
     assert flat_shapes(expected_shapes(cfg, which)) == official[f"{which}.msgpack"], which
     # And the loaded file holds exactly that tree (load_checkpoint also checked it).
-    assert flat_shapes(case_data(case_dir)["variables"][which]) == official[f"{which}.msgpack"]
+    assert flat_shapes(case_data(case_dir, outputs=False)["variables"][which]) == official[f"{which}.msgpack"]
 
 
 def read_imagenet_trees():
@@ -174,8 +199,8 @@ def test_imagenet_preset_trees_equal_official():
 
 
 # Tokenizer -------------------------------------------------------------------------------------------------------
-def test_tokenizer_codes_identical(golden_case, case_data):
-  data = case_data(golden_case)
+def test_tokenizer_codes_identical(compared_case, case_data):
+  data = case_data(compared_case)
   codes = data["ours"]["codes"]
   chex.assert_shape(codes, data["tokenizer_io"]["codes"].shape)
   chex.assert_trees_all_equal(codes, data["tokenizer_io"]["codes"])
@@ -184,15 +209,15 @@ def test_tokenizer_codes_identical(golden_case, case_data):
 
 
 @pytest.mark.parametrize("key", TOKENIZER_ARRAYS)
-def test_tokenizer_arrays(golden_case, case_data, key):
-  data = case_data(golden_case)
+def test_tokenizer_arrays(compared_case, case_data, key):
+  data = case_data(compared_case)
   official = data["official"][key] if data["official"] else None
-  check_close(data["ours"][key], data["tokenizer_io"][key], official, f"{os.path.basename(golden_case)}/{key}")
+  check_close(data["ours"][key], data["tokenizer_io"][key], official, f"{os.path.basename(compared_case)}/{key}")
 
 
 def test_tokenizer_reconstruction_call_and_decode(one_golden_case, case_data):
   """__call__ = decode(encode) and decode(quantized) = decode_from_indices(codes), exactly."""
-  data = case_data(one_golden_case)
+  data = case_data(one_golden_case, outputs=False)
   model, variables = VQVAE(data["cfg"]), data["variables"]["tokenizer"]
   images = data["tokenizer_io"]["images"][:1]
   via_call = model.apply(variables, images)
@@ -202,8 +227,8 @@ def test_tokenizer_reconstruction_call_and_decode(one_golden_case, case_data):
 
 # Transformer -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", LOGITS)
-def test_transformer_logits(golden_case, case_data, kind):
-  case_dir = golden_case
+def test_transformer_logits(compared_case, case_data, kind):
+  case_dir = compared_case
   data = case_data(case_dir)
   key = f"logits_{kind}"
   chex.assert_shape(data["ours"][key], (data["transformer_io"][f"ids_{kind}"].shape[0], data["cfg"].seq_len,
@@ -212,8 +237,8 @@ def test_transformer_logits(golden_case, case_data, kind):
   check_close(data["ours"][key], data["transformer_io"][key], official, f"{os.path.basename(case_dir)}/{key}")
 
 
-def test_transformer_intermediates(golden_case, case_data):
-  data = case_data(golden_case)
+def test_transformer_intermediates(compared_case, case_data):
+  data = case_data(compared_case)
   ours = data["ours"]["intermediates"]
   recorded = {k: v for k, v in data["intermediates"].items() if k != "ids_row0"}
   assert len(recorded) > 5 and set(recorded) <= set(ours), sorted(set(recorded) - set(ours))
@@ -225,7 +250,7 @@ def test_transformer_intermediates(golden_case, case_data):
 
 
 def test_mask_id_reads_last_embedding_row(one_golden_case, case_data):
-  data = case_data(one_golden_case)
+  data = case_data(one_golden_case, outputs=False)
   ids = data["transformer_io"]["ids_partial"]
   wrapped = np.where(ids == -1, data["cfg"].vocab_size - 1, ids)
   model, variables = Transformer(data["cfg"]), data["variables"]["transformer"]

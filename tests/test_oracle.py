@@ -208,7 +208,9 @@ def test_decoder_mask_counts_equal_official(method):
 
 
 # Decoding -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed,method,start_iter", [(0, "cosine", 0), (1, "pow2.5", 2),
+# The default run keeps (1, pow2.5, 2): a partly known start past step 0 and a non-default schedule. A cosine
+# decode from step 0 end to end is the parity runner's decode.tokens check on every vendored case.
+@pytest.mark.parametrize("seed,method,start_iter", [(1, "pow2.5", 2), pytest.param(0, "cosine", 0, marks=_SLOW),
                                                     pytest.param(2, "log", 0, marks=_SLOW),
                                                     pytest.param(4, "exp", 1, marks=_SLOW),
                                                     pytest.param(1, "uniform", 0, marks=_SLOW)])
