@@ -6,8 +6,6 @@ it, a check without an implementation is NOT YET), and an empty directory or a d
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -380,15 +378,12 @@ def test_empty_directory_says_no_case_was_found_and_what_a_case_holds(tmp_path):
     assert name in message, name
 
 
-def test_run_py_parity_on_an_empty_directory_is_one_line(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, os.path.join(root, "run.py"), "parity", "--golden", str(tmp_path)],
-                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error:") and "no case found" in lines[0], proc.stderr
-  assert "Traceback" not in proc.stderr and "tokenizer_io.npz" in lines[0]
+def test_run_py_parity_on_an_empty_directory_is_one_line(tmp_path, run_py):
+  rc, _, err = run_py("parity", "--golden", str(tmp_path))  # in this process: the message, not the process
+  assert rc != 0
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and "no case found" in lines[0], err
+  assert "Traceback" not in err and "tokenizer_io.npz" in lines[0]
 
 
 def _object_array_npz(path):

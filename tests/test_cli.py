@@ -26,33 +26,9 @@ torch = pytest.importorskip("torch")
 HAS_CUDA = torch.cuda.is_available()
 
 
-def tiny_config():
-  config = configs.tiny().with_overrides({
-      "num_class": 3, "transformer.num_layers": 1, "transformer.num_embeds": 32, "transformer.num_heads": 2,
-      "transformer.intermediate_size": 64, "sampler.num_iter": 4, "sampler.edit_start_iter": 1})
-  return config
-
-
-def _save(path, config, tokenizer=True, transformer=True, seed=0, overwrite=False):
-  from maskgit_torch.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(seed)
-  models = {"tokenizer": VQVAE(config)} if tokenizer else {}
-  if transformer:
-    models["transformer"] = Transformer(config)
-  save_checkpoint(path, config, models, overwrite=overwrite)
-  return path
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  return _save(str(tmp_path_factory.mktemp("cli") / "ckpt"), tiny_config())
-
-
-@pytest.fixture(scope="module")
-def tokenizer_only(tmp_path_factory):
-  return _save(str(tmp_path_factory.mktemp("cli") / "tok"), tiny_config(), transformer=False)
+def checkpoint(tiny_checkpoint):
+  return tiny_checkpoint[1]
 
 
 @pytest.fixture
@@ -62,20 +38,9 @@ def picture(tmp_path):
   return path
 
 
-def cli(capsys, *argv):
-  """(exit status, stdout, stderr) of `python run.py ARGV`, run in this process."""
-  try:
-    rest = run.FLAGS(["run.py", *argv])
-    rc = run.main(rest)
-  finally:
-    run.FLAGS.unparse_flags()
-  out, err = capsys.readouterr()
-  return rc, out, err
-
-
-def refused(capsys, *argv, match):
-  """Runs ARGV, which must fail as one `error:` line naming `match`."""
-  rc, out, err = cli(capsys, *argv)
+def refused(run_py, *argv, match):
+  """Runs ARGV in this process (the run_py fixture), which must fail as one `error:` line naming `match`."""
+  rc, out, err = run_py(*argv)
   assert rc == 2, (argv, out, err)
   assert err.startswith("error: ") and err.count("\n") == 1, err
   assert match in err, (match, err)
@@ -89,14 +54,14 @@ def never(name):
 
 
 # Finding 3: silently wrong results become errors -------------------------------------------------------------------
-def test_steps_zero_is_an_error_not_the_default(capsys, checkpoint, picture, tmp_path):
+def test_steps_zero_is_an_error_not_the_default(run_py, checkpoint, picture, tmp_path):
   out = str(tmp_path / "x.png")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--steps", "0", "--out", out, match="--steps")
-  refused(capsys, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--steps", "0", "--out", out, match="--steps")
+  refused(run_py, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
           "--steps", "0", "--out", out, match="--steps")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--steps", "-3", "--out", out, match="--steps")
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--steps", "-3", "--out", out, match="--steps")
   assert not os.path.exists(out)
-  rc, stdout, _ = cli(capsys, "sample", "--checkpoint", checkpoint, "--steps", "2", "--out", out)
+  rc, stdout, _ = run_py("sample", "--checkpoint", checkpoint, "--steps", "2", "--out", out)
   assert rc == 0 and "2 steps" in stdout
 
 
@@ -112,14 +77,14 @@ def test_steps_zero_is_an_error_not_the_default(capsys, checkpoint, picture, tmp
     (["parity", "--checkpoint", "x"], "--checkpoint", "sample"),
     (["train", "--precision", "fast"], "--precision", "--set train.precision=fast"),
 ])
-def test_a_flag_of_another_subcommand_is_refused_naming_its_owner(capsys, argv, flag, owner):
-  err = refused(capsys, *argv, match=f"{argv[0]} does not use {flag}")
+def test_a_flag_of_another_subcommand_is_refused_naming_its_owner(run_py, argv, flag, owner):
+  err = refused(run_py, *argv, match=f"{argv[0]} does not use {flag}")
   assert owner in err
 
 
-def test_eval_of_a_folder_refuses_the_flags_of_sampling(capsys, checkpoint, picture, tmp_path):
+def test_eval_of_a_folder_refuses_the_flags_of_sampling(run_py, checkpoint, picture, tmp_path):
   folder = os.path.dirname(picture)
-  refused(capsys, "eval", "--samples", folder, "--ref", folder, "--checkpoint", checkpoint, "--steps", "3",
+  refused(run_py, "eval", "--samples", folder, "--ref", folder, "--checkpoint", checkpoint, "--steps", "3",
           "--out", str(tmp_path / "e"), match="does not use --checkpoint, --steps")
 
 
@@ -130,52 +95,52 @@ def test_every_flag_of_run_py_says_which_subcommands_use_it():
   assert all(set(commands) <= set(run.COMMANDS) for commands in run.USED_BY.values())
 
 
-def test_sampler_numbers_out_of_range_are_refused(capsys, checkpoint, tmp_path):
+def test_sampler_numbers_out_of_range_are_refused(run_py, checkpoint, tmp_path):
   out = str(tmp_path / "x.png")
   for override, field in (("sampler.guidance_scale=1e308", "sampler.guidance_scale: must be <= 1000"),
                           ("sampler.choice_temperature=1e300", "sampler.choice_temperature: must be <= 1000"),
                           ("sampler.softmax_temperature=1e-300", "sampler.softmax_temperature: must be >= 0.001")):
-    refused(capsys, "sample", "--checkpoint", checkpoint, "--set", override, "--out", out, match=field)
+    refused(run_py, "sample", "--checkpoint", checkpoint, "--set", override, "--out", out, match=field)
   assert not os.path.exists(out)
   # The strongest values the option tests use stay valid.
   configs.tiny().with_overrides(["sampler.guidance_scale=100", "sampler.softmax_temperature=0.3"])
 
 
-def test_out_is_written_in_the_format_its_suffix_names(capsys, checkpoint, tmp_path):
+def test_out_is_written_in_the_format_its_suffix_names(run_py, checkpoint, tmp_path):
   for suffix, magic in ((".jpg", b"\xff\xd8\xff"), (".png", b"\x89PNG"), (".bmp", b"BM")):
     out = str(tmp_path / f"grid{suffix}")
-    rc, _, err = cli(capsys, "sample", "--checkpoint", checkpoint, "--steps", "1", "--out", out)
+    rc, _, err = run_py("sample", "--checkpoint", checkpoint, "--steps", "1", "--out", out)
     assert rc == 0, err
     with open(out, "rb") as f:
       assert f.read(len(magic)) == magic, suffix
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "grid.foo"),
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "grid.foo"),
           match="the suffix '.foo' names no picture format")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "grid"), match="no suffix")
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "grid"), match="no suffix")
   assert not os.path.exists(tmp_path / "grid.foo") and not os.path.exists(tmp_path / "grid")
 
 
-def test_out_never_overwrites_save_steps_the_grid_or_the_input(capsys, checkpoint, picture, tmp_path):
+def test_out_never_overwrites_save_steps_the_grid_or_the_input(run_py, checkpoint, picture, tmp_path):
   same = str(tmp_path / "same.png")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--out", same, "--save_steps", same,
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--out", same, "--save_steps", same,
           match="--save_steps")
   before = open(picture, "rb").read()
   edit = ["edit", "--checkpoint", checkpoint, "--box", "8,8,8,8", "--class", "1"]
-  refused(capsys, *edit, "--image", picture, "--out", picture, match="is also --image")
-  refused(capsys, *edit, "--image", picture, "--grid", picture, match="is also --image")
-  refused(capsys, *edit, "--image", picture, "--out", same, "--grid", same, match="--grid")
-  refused(capsys, *edit, "--image", picture, "--out", os.path.join(os.path.dirname(picture), ".", "in.png"),
+  refused(run_py, *edit, "--image", picture, "--out", picture, match="is also --image")
+  refused(run_py, *edit, "--image", picture, "--grid", picture, match="is also --image")
+  refused(run_py, *edit, "--image", picture, "--out", same, "--grid", same, match="--grid")
+  refused(run_py, *edit, "--image", picture, "--out", os.path.join(os.path.dirname(picture), ".", "in.png"),
           match="is also --image")  # the same file under another spelling
   assert open(picture, "rb").read() == before and not os.path.exists(same)
 
 
-def test_16_bit_pngs_are_read_right_as_the_image_and_as_the_mask(capsys, checkpoint, tmp_path):
+def test_16_bit_pngs_are_read_right_as_the_image_and_as_the_mask(run_py, checkpoint, tmp_path):
   image16, mask16 = str(tmp_path / "in16.png"), str(tmp_path / "mask16.png")
   Image.fromarray(np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))).save(image16)
   mask = np.zeros((32, 32), np.uint16)
   mask[:16, :16] = 65535  # a quarter: 16 of the 64 tokens
   Image.fromarray(mask).save(mask16)
   out, grid = str(tmp_path / "out.png"), str(tmp_path / "grid.png")
-  rc, stdout, err = cli(capsys, "edit", "--checkpoint", checkpoint, "--image", image16, "--mask", mask16,
+  rc, stdout, err = run_py("edit", "--checkpoint", checkpoint, "--image", image16, "--mask", mask16,
                         "--class", "0", "--out", out, "--grid", grid)
   assert rc == 0, err
   assert "(16/64 tokens regenerated)" in stdout  # read as solid white, the mask marked all 64
@@ -197,15 +162,15 @@ SUBCOMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_a_device_this_machine_lacks_is_one_line_for_every_subcommand(capsys, checkpoint, picture, tmp_path,
+def test_a_device_this_machine_lacks_is_one_line_for_every_subcommand(run_py, checkpoint, picture, tmp_path,
                                                                       monkeypatch, command, backend):
   for slow in ("maskgit_torch.pipeline.MaskGIT.from_checkpoint", "maskgit_jax.pipeline.MaskGIT.from_checkpoint",
                "parity_tests.runner.run_parity", "maskgit_torch.train.train", "maskgit_jax.train.train"):
     monkeypatch.setattr(slow, never(slow))
   argv = [command, "--backend", backend, *SUBCOMMANDS[command](checkpoint, picture, tmp_path)]
-  refused(capsys, *argv, "--device", "banana", match="--device 'banana' is not a device")
+  refused(run_py, *argv, "--device", "banana", match="--device 'banana' is not a device")
   if not HAS_CUDA:  # on a GPU machine cuda exists; the other half of the test is then the CPU run below
-    refused(capsys, *argv, "--device", "cuda", match="--device cuda")
+    refused(run_py, *argv, "--device", "cuda", match="--device cuda")
   assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["in.png"]
 
 
@@ -214,7 +179,7 @@ class Reached(run.UserError):
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_the_device_flag_reaches_the_work_of_every_subcommand(capsys, checkpoint, picture, tmp_path, monkeypatch,
+def test_the_device_flag_reaches_the_work_of_every_subcommand(run_py, checkpoint, picture, tmp_path, monkeypatch,
                                                               backend):
   seen = {}
 
@@ -232,106 +197,108 @@ def test_the_device_flag_reaches_the_work_of_every_subcommand(capsys, checkpoint
                            ("parity", "parity")) + ((("train", "train"),) if backend == "torch" else ()):
     seen.clear()
     argv = [command, "--backend", backend, "--device", "cpu", *SUBCOMMANDS[command](checkpoint, picture, tmp_path)]
-    refused(capsys, *argv, match=reaches)
+    refused(run_py, *argv, match=reaches)
     assert {k: str(v) for k, v in seen.items()} == {reaches: "cpu"}, (command, seen)  # str or torch.device
   # The JAX trainer runs on every local device: a named device is refused rather than ignored.
   if backend == "jax":
-    refused(capsys, "train", "--backend", "jax", "--device", "cpu", *SUBCOMMANDS["train"](checkpoint, picture,
+    refused(run_py, "train", "--backend", "jax", "--device", "cpu", *SUBCOMMANDS["train"](checkpoint, picture,
                                                                                           tmp_path),
             match="leave --device at auto")
 
 
 # Finding 4: tracebacks become one-line errors ------------------------------------------------------------------------
-def test_edit_steps_at_or_below_edit_start_iter_is_one_line(capsys, checkpoint, picture, tmp_path):
+def test_edit_steps_at_or_below_edit_start_iter_is_one_line(run_py, checkpoint, picture, tmp_path):
   out = str(tmp_path / "x.png")
   for steps in ("1", "0"):  # the tiny checkpoint's sampler.edit_start_iter is 1
-    refused(capsys, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
+    refused(run_py, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
             "--steps", steps, "--out", out, match="--steps")
-  rc, _, err = cli(capsys, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class",
+  rc, _, err = run_py("edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class",
                    "1", "--steps", "2", "--out", out)
   assert rc == 0 and os.path.isfile(out), err
 
 
-def test_a_tokenizer_only_checkpoint_is_one_line_for_sample_edit_and_eval(capsys, tokenizer_only, picture, tmp_path):
+def test_a_tokenizer_only_checkpoint_is_one_line_for_sample_edit_and_eval(run_py, tokenizer_only_checkpoint, picture,
+                                                                          tmp_path):
   out = str(tmp_path / "x.png")
   for argv in (["sample", "--out", out],
                ["edit", "--image", picture, "--box", "8,8,8,8", "--class", "1", "--out", out],
                ["eval", "--ref", os.path.dirname(picture), "--num_samples", "10", "--out", str(tmp_path / "e")]):
-    refused(capsys, *argv, "--checkpoint", tokenizer_only, match="transformer")
+    refused(run_py, *argv, "--checkpoint", tokenizer_only_checkpoint, match="transformer")
   assert not os.path.exists(out)
 
 
-def test_missing_paths_of_sample_edit_and_eval_are_one_line(capsys, checkpoint, picture, tmp_path):
+def test_missing_paths_of_sample_edit_and_eval_are_one_line(run_py, checkpoint, picture, tmp_path):
   missing = str(tmp_path / "missing")
-  refused(capsys, "sample", "--checkpoint", missing, match=f"--checkpoint {missing}")
+  refused(run_py, "sample", "--checkpoint", missing, match=f"--checkpoint {missing}")
   edit = ["edit", "--checkpoint", checkpoint, "--class", "1", "--out", str(tmp_path / "x.png")]
-  refused(capsys, *edit, "--image", missing + ".png", "--box", "8,8,8,8", match="--image")
-  refused(capsys, *edit, "--image", picture, "--mask", missing + ".png", match="--mask")
-  refused(capsys, "eval", "--checkpoint", checkpoint, "--ref", missing, "--out", str(tmp_path / "e"),
+  refused(run_py, *edit, "--image", missing + ".png", "--box", "8,8,8,8", match="--image")
+  refused(run_py, *edit, "--image", picture, "--mask", missing + ".png", match="--mask")
+  refused(run_py, "eval", "--checkpoint", checkpoint, "--ref", missing, "--out", str(tmp_path / "e"),
           match=missing)
-  refused(capsys, "eval", "--samples", missing, "--ref", os.path.dirname(picture), "--out", str(tmp_path / "e"),
+  refused(run_py, "eval", "--samples", missing, "--ref", os.path.dirname(picture), "--out", str(tmp_path / "e"),
           match="--samples")
 
 
-def test_eval_sizes_are_checked_before_any_slow_work(capsys, checkpoint, picture, tmp_path, monkeypatch):
+def test_eval_sizes_are_checked_before_any_slow_work(run_py, checkpoint, picture, tmp_path, monkeypatch):
   # Finding 4 (one line) and finding 5 (before the reference features, the extractor and the model).
   monkeypatch.setattr(inception, "build_extractor", never("build_extractor"))
   monkeypatch.setattr(references, "source_features", never("reference feature extraction"))
   monkeypatch.setattr("maskgit_torch.pipeline.MaskGIT.from_checkpoint", never("loading the model"))
   args = ["eval", "--checkpoint", checkpoint, "--ref", os.path.dirname(picture), "--out", str(tmp_path / "e")]
-  refused(capsys, *args, "--batch_size", "0", match="--batch_size must be a positive integer, got 0")
-  refused(capsys, *args, "--num_samples", "1", match="--num_samples 1: the metrics need at least 10 samples")
-  refused(capsys, *args, "--num-samples", "9", match="--num_samples 9")
+  refused(run_py, *args, "--batch_size", "0", match="--batch_size must be a positive integer, got 0")
+  refused(run_py, *args, "--num_samples", "1", match="--num_samples 1: the metrics need at least 10 samples")
+  refused(run_py, *args, "--num-samples", "9", match="--num_samples 9")
   assert not os.path.exists(tmp_path / "e")
 
 
-def test_unwritable_out_or_report_is_refused_before_the_work(capsys, checkpoint, picture, tmp_path, monkeypatch):
+def test_unwritable_out_or_report_is_refused_before_the_work(run_py, checkpoint, picture, tmp_path, monkeypatch):
   monkeypatch.setattr("maskgit_torch.pipeline.MaskGIT.from_checkpoint", never("loading the model"))
   monkeypatch.setattr("parity_tests.runner.run_parity", never("the parity run"))
   monkeypatch.setattr(inception, "build_extractor", never("build_extractor"))
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   inside = str(blocker / "x.png")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--out", inside, match="is not a directory")
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--save_steps", inside, match="is not a directory")
-  refused(capsys, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--out", inside, match="is not a directory")
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--save_steps", inside, match="is not a directory")
+  refused(run_py, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "8,8,8,8", "--class", "1",
           "--grid", inside, match="is not a directory")
   (tmp_path / "folder.png").mkdir()
-  refused(capsys, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "folder.png"),
+  refused(run_py, "sample", "--checkpoint", checkpoint, "--out", str(tmp_path / "folder.png"),
           match="not a regular file")
-  refused(capsys, "eval", "--checkpoint", checkpoint, "--ref", os.path.dirname(picture), "--out", str(blocker),
+  refused(run_py, "eval", "--checkpoint", checkpoint, "--ref", os.path.dirname(picture), "--out", str(blocker),
           match="--out")
-  refused(capsys, "parity", "--golden", os.path.join(REPO, "parity_tests", "data", "tiny"), "--report",
+  refused(run_py, "parity", "--golden", os.path.join(REPO, "parity_tests", "data", "tiny"), "--report",
           str(blocker / "r.json"), match="--report")
   assert blocker.read_text() == "not a directory"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: permissions cannot be tested as root")
-def test_a_read_only_out_directory_is_refused_before_the_work(capsys, checkpoint, tmp_path, monkeypatch):
+def test_a_read_only_out_directory_is_refused_before_the_work(run_py, checkpoint, tmp_path, monkeypatch):
   monkeypatch.setattr("maskgit_torch.pipeline.MaskGIT.from_checkpoint", never("loading the model"))
   locked = tmp_path / "locked"
   locked.mkdir()
   locked.chmod(0o500)
   try:
-    refused(capsys, "sample", "--checkpoint", checkpoint, "--out", str(locked / "x.png"), match="not writable")
+    refused(run_py, "sample", "--checkpoint", checkpoint, "--out", str(locked / "x.png"), match="not writable")
   finally:
     locked.chmod(0o700)
 
 
-def test_what_a_user_sees_is_one_line_without_a_traceback(tokenizer_only, tmp_path):
+def test_what_a_user_sees_is_one_line_without_a_traceback(tokenizer_only_checkpoint, tmp_path):
   """The same refusal from a real `python run.py` process (absl's app.run around main)."""
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "sample", "--checkpoint", tokenizer_only,
-                         "--out", str(tmp_path / "x.png")], cwd=tmp_path, capture_output=True, text=True,
-                        timeout=300, check=False)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "sample", "--checkpoint",
+                         tokenizer_only_checkpoint, "--out", str(tmp_path / "x.png")], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.startswith("error: ") and "transformer" in proc.stderr, proc.stderr
   assert not os.listdir(tmp_path)
 
 
 # Finding 6: edit writes the edited image alone; the grid's mask panel is visible -----------------------------------
-def test_edit_out_is_the_edited_image_and_grid_the_four_panels(capsys, checkpoint, picture, tmp_path):
+def test_edit_out_is_the_edited_image_and_grid_the_four_panels(run_py, checkpoint, picture, tmp_path,
+                                                                tiny_model_config):
   out, grid = str(tmp_path / "edited.png"), str(tmp_path / "panels.png")
-  rc, stdout, err = cli(capsys, "edit", "--checkpoint", checkpoint, "--image", picture, "--box", "0,0,12,12",
+  rc, stdout, err = run_py("edit", "--checkpoint", checkpoint, "--image", picture, "--box", "0,0,12,12",
                         "--class", "2", "--seed", "3", "--out", out, "--grid", grid)
   assert rc == 0, err
   edited = np.asarray(Image.open(out))
@@ -348,13 +315,13 @@ def test_edit_out_is_the_edited_image_and_grid_the_four_panels(capsys, checkpoin
   # The mask panel: red-tinted where regenerated, dimmed elsewhere; never the white of the background.
   mask = tile(1)[::scale, ::scale].astype(int)
   assert not (mask == 255).all(-1).any()
-  latent = editing.latent_mask_from_bbox(tiny_config(), 0, 0, 12, 12)
+  latent = editing.latent_mask_from_bbox(tiny_model_config(), 0, 0, 12, 12)
   marked = np.kron(latent, np.ones((4, 4))) > 0
   assert (mask[marked][:, 0] >= 127).all() and (mask[~marked][:, 0] <= 90).all()
 
 
-def test_the_mask_panel_is_visible_whatever_the_mask_and_the_image():
-  config = tiny_config()
+def test_the_mask_panel_is_visible_whatever_the_mask_and_the_image(tiny_model_config):
+  config = tiny_model_config()
   for image in (np.ones((32, 32, 3), np.float32), np.zeros((32, 32, 3), np.float32)):
     for latent in (np.ones((8, 8), np.float32), np.zeros((8, 8), np.float32), np.eye(8, dtype=np.float32)):
       panel = images.to_uint8(editing.mask_panel(image, latent, config))
@@ -378,44 +345,45 @@ def cheap_extractor(monkeypatch):
   monkeypatch.setattr(inception, "build_extractor", lambda *args, **kwargs: extractor)
 
 
-def test_eval_into_the_same_out_after_the_weights_changed_is_refused(capsys, tmp_path, cheap_extractor):
-  config = tiny_config()
-  ckpt = _save(str(tmp_path / "export"), config, seed=0)
+def test_eval_into_the_same_out_after_the_weights_changed_is_refused(run_py, tmp_path, cheap_extractor,
+                                                                    tiny_model_config, write_random_checkpoint):
+  config = tiny_model_config()
+  ckpt = write_random_checkpoint(str(tmp_path / "export"), config, seed=0)
   ref = data.write_synthetic_folder(str(tmp_path / "ref"), 20000, 10)
   argv = ["eval", "--checkpoint", ckpt, "--ref", ref, "--num_samples", "10", "--batch_size", "10", "--out",
           str(tmp_path / "ev")]
-  rc, _, err = cli(capsys, *argv)
+  rc, _, err = run_py(*argv)
   assert rc == 0, err
   first = evaluation.sampler.weights_sha256(ckpt)
   shutil.copytree(ckpt, tmp_path / "first_export")  # copy2: the bytes and the mtimes
   shard = open(tmp_path / "ev" / "samples" / "shard_00000.npz", "rb").read()
   # `train` rewrites <workdir>/export in place: same path, new weights (and a new manifest).
-  _save(ckpt, config, seed=1, overwrite=True)
+  write_random_checkpoint(ckpt, config, seed=1, overwrite=True)
   assert evaluation.sampler.weights_sha256(ckpt) != first
-  err = refused(capsys, *argv, match="weights_sha256")
+  err = refused(run_py, *argv, match="weights_sha256")
   assert "refusing to mix" in err and first in err
   assert open(tmp_path / "ev" / "samples" / "shard_00000.npz", "rb").read() == shard  # nothing was changed
   # The first weights back at that path: resumes.
   shutil.rmtree(ckpt)
   shutil.copytree(tmp_path / "first_export", ckpt)
-  assert cli(capsys, *argv)[0] == 0
+  assert run_py(*argv)[0] == 0
   # Weights copied over by hand, the manifest left stale: the files are hashed, not the manifest trusted.
   weights = safetensors.numpy.load_file(os.path.join(ckpt, "transformer.safetensors"))
   name = sorted(weights)[0]
   weights[name] = weights[name] + 1.0  # same shapes, same file size
   safetensors.numpy.save_file(weights, os.path.join(ckpt, "transformer.safetensors"))
-  refused(capsys, *argv, match="weights_sha256")
+  refused(run_py, *argv, match="weights_sha256")
   # A setting that changes the samples is refused too; in a new folder the new weights are evaluated.
   shutil.rmtree(ckpt)
-  _save(ckpt, config, seed=0)
-  refused(capsys, *argv, "--set", "sampler.choice_temperature=2.0", match="sampler")
-  refused(capsys, *argv, "--steps", "3", match="steps: 4 there, 3 now")
-  rc, _, err = cli(capsys, *argv[:-1], str(tmp_path / "ev_new"), "--steps", "3")
+  write_random_checkpoint(ckpt, config, seed=0)
+  refused(run_py, *argv, "--set", "sampler.choice_temperature=2.0", match="sampler")
+  refused(run_py, *argv, "--steps", "3", match="steps: 4 there, 3 now")
+  rc, _, err = run_py(*argv[:-1], str(tmp_path / "ev_new"), "--steps", "3")
   assert rc == 0, err
 
 
-def test_every_setting_that_changes_samples_is_in_the_key(checkpoint):
-  config = tiny_config()
+def test_every_setting_that_changes_samples_is_in_the_key(checkpoint, tiny_model_config):
+  config = tiny_model_config()
   base = dict(backend="torch", steps=4, precision="parity")
   key = lambda **kw: evaluation.sampler.sample_settings(kw.pop("config", config), checkpoint, **{**base, **kw})
   reference = key()

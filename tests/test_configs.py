@@ -8,7 +8,6 @@ import pytest
 
 import configs
 from configs import ConfigError, MaskGITConfig
-from tests import helpers
 
 
 @pytest.mark.parametrize("name", sorted(configs.PRESETS))
@@ -82,8 +81,8 @@ def test_configs_are_frozen():
     config.image_size = 64  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("case", helpers.golden_cases(), ids=os.path.basename)
-def test_from_official_matches_fixture_derived_sizes(case):
+def test_from_official_matches_fixture_derived_sizes(golden_case):
+  case = golden_case
   official = json.load(open(os.path.join(case, "config.json")))
   config = MaskGITConfig.from_official(official)
   derived = official["derived"]

@@ -7,14 +7,12 @@
   * property tests: random small configs with random weights, torch vs JAX within the torch parity bound
     (<= 1e-4, docs/ARCHITECTURE.md, "Numerics").
 
-`random_config` / `random_params` are reused by tests/test_oracle.py.
+Random configs and weights come from tests/conftest.py (`random_config`, `random_params`, shared with test_oracle.py).
 """
 
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,7 +21,7 @@ import safetensors.torch
 import torch
 
 import conversion
-from configs import MaskGITConfig, SamplerConfig, TokenizerConfig, TransformerConfig
+from configs import MaskGITConfig
 from conversion import (ConversionError, as_flat, check_config, convert, flatten, infer_config, param_table,
                         torch_shape, unflatten)
 from conversion.formats.flax_msgpack import read_msgpack, write_msgpack
@@ -32,63 +30,10 @@ from maskgit_jax.transformer import Transformer as JaxTransformer
 from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch.tokenizer import VQVAE as TorchVQVAE
 from maskgit_torch.transformer import Transformer as TorchTransformer
-from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = helpers.golden_cases()
-IDS = [os.path.basename(c) for c in CASES]
 # torch vs official (docs/ARCHITECTURE.md, "Numerics"), and so torch vs our JAX (within 1e-5 of the official)
 TOL = 1e-4
 WHICH = ("tokenizer", "transformer")
-
-
-# Random small configs and weights ------------------------------------------------------------------------------
-def random_config(seed: int) -> MaskGITConfig:
-  """A small MaskGIT config drawn from `seed`, in the space the official modules support (GroupNorm 32 groups).
-
-  Varies filters, channel multipliers (1 to 3 levels, widths going up and down), residual blocks, embedding dim,
-  codebook size, image size (odd latent sides included: TF SAME padding of stride-2 pooling), layers, heads, head
-  dim, MLP size and class count.
-  """
-  rng = np.random.default_rng(seed)
-  levels = int(rng.integers(1, 4))
-  side = int(rng.integers(2, 6))
-  heads = int(rng.choice([1, 2, 4]))
-  num_iter = int(rng.integers(2, 9))
-  return MaskGITConfig(
-      name=f"random_{seed}", image_size=side * 2 ** (levels - 1), num_class=int(rng.integers(1, 11)),
-      tokenizer=TokenizerConfig(filters=int(rng.choice([32, 64])),
-                                channel_multipliers=tuple(int(m) for m in rng.choice([1, 2], levels)),
-                                num_res_blocks=int(rng.integers(1, 3)), embedding_dim=int(rng.choice([4, 8, 16])),
-                                codebook_size=int(rng.choice([8, 16, 32, 64]))),
-      transformer=TransformerConfig(num_layers=int(rng.integers(1, 4)),
-                                    num_embeds=heads * int(rng.choice([4, 8, 16])), num_heads=heads,
-                                    intermediate_size=int(rng.choice([16, 32, 64, 96]))),
-      sampler=SamplerConfig(num_iter=num_iter, edit_start_iter=int(rng.integers(0, num_iter))))
-
-
-def random_params(config: MaskGITConfig, which: str, seed: int) -> dict:
-  """{"params": ...} float32 numpy tree in the official layout, from the table's shapes.
-
-  Kernels are N(0, 1/fan_in) so activations stay O(1) through many layers; norm scales 1 + N(0, 0.1^2), biases
-  N(0, 0.1^2); embeddings and the codebook N(0, 1) (codebook rows then sit far apart compared with float32 error,
-  which keeps nearest-code margins clear).
-  """
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for rule in param_table(config, which):
-    shape, name = tuple(rule.shape), rule.jax_path.rsplit("/", 1)[-1]
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1])) if rule.transform != "qkv_kernel" else shape[0]
-      value = rng.standard_normal(shape) / np.sqrt(fan_in)
-    elif name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(shape)
-    elif name == "bias":
-      value = 0.1 * rng.standard_normal(shape)
-    else:  # embedding tables, codebook
-      value = rng.standard_normal(shape)
-    flat[rule.jax_path] = value.astype(np.float32)
-  return unflatten(flat)
 
 
 def max_abs(a, b) -> float:
@@ -114,11 +59,13 @@ def load_checkpoint_dir(path):
   return config, modules.get("tokenizer"), modules.get("transformer")
 
 
-def _run_convert(*args, expect_rc=0):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "convert", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == expect_rc, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-  return proc
+def _run_convert(run_py, *args, expect_rc=0):
+  """(stdout, stderr) of `run.py convert ARGS`, run in this process (tests/test_convert_cli.py runs the process)."""
+  rc, out, err = run_py("convert", *args)
+  assert rc == expect_rc, f"rc={rc}\nstdout:\n{out}\nstderr:\n{err}"
+  if expect_rc:
+    assert err.startswith("error:") and "Traceback" not in err, err
+  return out, err
 
 
 def _read_bytes(path):
@@ -137,11 +84,11 @@ def _snapshot(directory):
 
 
 # Round trips ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_official_torch_jax_roundtrip_is_bit_exact(case_dir, tmp_path):
+def test_official_torch_jax_roundtrip_is_bit_exact(golden_case, golden_config, tmp_path):
   """official msgpack -> torch state_dict -> official layout: every array bit-identical, and the file written from
   it byte-identical to the official file (same keys, order, dtypes)."""
-  config = helpers.golden_config(case_dir)
+  case_dir = golden_case
+  config = golden_config(case_dir)
   for which in WHICH:
     path = os.path.join(case_dir, f"{which}.msgpack")
     official = read_msgpack(path)
@@ -161,17 +108,17 @@ def test_official_torch_jax_roundtrip_is_bit_exact(case_dir, tmp_path):
     module.load_state_dict(state, strict=True)
 
 
-def test_cli_convert_both_directions(tmp_path):
+def test_cli_convert_both_directions(tmp_path, one_golden_case, golden_config, run_py):
   """`run.py convert`: official dir -> torch dir -> JAX dir (byte-identical to the official files), official dir ->
   JAX dir directly, and the torch dir loads in maskgit_torch with exactly the converted weights."""
-  case_dir = CASES[0]
-  config = helpers.golden_config(case_dir)
+  case_dir = one_golden_case
+  config = golden_config(case_dir)
   torch_dir, jax_dir, direct_dir = tmp_path / "torch", tmp_path / "jax", tmp_path / "direct"
-  out = _run_convert("--src", case_dir, "--dst", str(torch_dir), "--to", "torch")
-  assert str(torch_dir) in out.stdout or "wrote" in out.stdout
+  out, _ = _run_convert(run_py, "--src", case_dir, "--dst", str(torch_dir), "--to", "torch")
+  assert str(torch_dir) in out or "wrote" in out
   assert sorted(os.listdir(torch_dir)) == ["config.json", "manifest.json", "tokenizer.safetensors", "transformer.safetensors"]
-  _run_convert("--src", str(torch_dir), "--dst", str(jax_dir), "--to", "jax")
-  _run_convert("--src", case_dir, "--dst", str(direct_dir), "--to", "jax")
+  _run_convert(run_py, "--src", str(torch_dir), "--dst", str(jax_dir), "--to", "jax")
+  _run_convert(run_py, "--src", case_dir, "--dst", str(direct_dir), "--to", "jax")
   for which in WHICH:
     official = _read_bytes(os.path.join(case_dir, f"{which}.msgpack"))
     assert _read_bytes(jax_dir / f"{which}.msgpack") == official, f"torch -> jax {which} is not bit-exact"
@@ -189,11 +136,11 @@ def test_cli_convert_both_directions(tmp_path):
   assert MaskGITConfig.load(str(jax_dir / "config.json")) == loaded_config
 
 
-def test_raw_safetensors_input(tmp_path):
+def test_raw_safetensors_input(tmp_path, one_golden_case, golden_config):
   """A bare .safetensors file (torch keys, no metadata) converts to the official layout with a given config; without
   one it is refused with a message saying to pass it."""
-  case_dir = CASES[0]
-  config = helpers.golden_config(case_dir)
+  case_dir = one_golden_case
+  config = golden_config(case_dir)
   config_path = tmp_path / "config.json"
   config.save(str(config_path))
   for which in WHICH:
@@ -213,9 +160,9 @@ def test_raw_safetensors_input(tmp_path):
 
 
 # Config inference ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_infer_config_from_shapes(case_dir):
-  expected = helpers.golden_config(case_dir)
+def test_infer_config_from_shapes(golden_case, golden_config):
+  case_dir = golden_case
+  expected = golden_config(case_dir)
   trees = {w: read_msgpack(os.path.join(case_dir, f"{w}.msgpack")) for w in WHICH}
   inferred = infer_config(trees["tokenizer"], trees["transformer"])
   assert inferred.tokenizer == expected.tokenizer
@@ -225,16 +172,16 @@ def test_infer_config_from_shapes(case_dir):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_infer_config_random(seed):
+def test_infer_config_random(seed, random_config, random_params):
   config = random_config(seed)
   inferred = infer_config(random_params(config, "tokenizer", 0), random_params(config, "transformer", 0))
   assert (inferred.tokenizer, inferred.transformer, inferred.image_size, inferred.num_class) == (
       config.tokenizer, config.transformer, config.image_size, config.num_class)
 
 
-def test_disagreeing_config_is_refused_naming_the_field(tmp_path):
-  case_dir = CASES[0]
-  config = helpers.golden_config(case_dir)
+def test_disagreeing_config_is_refused_naming_the_field(tmp_path, one_golden_case, golden_config):
+  case_dir = one_golden_case
+  config = golden_config(case_dir)
   tr = config.transformer
   wrong = dataclasses.replace(config, num_class=config.num_class + 3, transformer=dataclasses.replace(
       tr, num_layers=tr.num_layers + 1, intermediate_size=tr.intermediate_size * 2))
@@ -304,8 +251,8 @@ def _assert_untouched(dst, snapshot):
 
 
 @pytest.mark.parametrize("to", ["torch", "jax"])
-def test_damaged_checkpoint_one_error_listing_everything(tmp_path, existing_dst, to):
-  src, expected = _damaged_source(CASES[0], tmp_path)
+def test_damaged_checkpoint_one_error_listing_everything(tmp_path, existing_dst, to, one_golden_case):
+  src, expected = _damaged_source(one_golden_case, tmp_path)
   dst, snapshot = existing_dst
   with pytest.raises(ConversionError) as info:
     convert(str(src), str(dst), to=to, overwrite=True)  # overwrite allowed: only the damage may stop it
@@ -315,21 +262,19 @@ def test_damaged_checkpoint_one_error_listing_everything(tmp_path, existing_dst,
   _assert_untouched(dst, snapshot)
 
 
-def test_damaged_checkpoint_cli(tmp_path, existing_dst):
-  src, expected = _damaged_source(CASES[0], tmp_path)
+def test_damaged_checkpoint_cli(tmp_path, existing_dst, one_golden_case, run_py):
+  src, expected = _damaged_source(one_golden_case, tmp_path)
   dst, snapshot = existing_dst
-  proc = _run_convert("--src", str(src), "--dst", str(dst), "--to", "torch", "--overwrite", expect_rc=2)
-  assert "Traceback" not in proc.stderr, proc.stderr
-  assert proc.stderr.startswith("error:"), proc.stderr
+  _, err = _run_convert(run_py, "--src", str(src), "--dst", str(dst), "--to", "torch", "--overwrite", expect_rc=2)
   for text in expected:
-    assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
+    assert text in err, f"{text!r} not in:\n{err}"
   _assert_untouched(dst, snapshot)
 
 
-def test_damaged_torch_checkpoint(tmp_path, existing_dst):
+def test_damaged_torch_checkpoint(tmp_path, existing_dst, one_golden_case, golden_config):
   """The same checks on a torch checkpoint directory (torch key names and torch shapes)."""
-  case_dir = CASES[0]
-  config = helpers.golden_config(case_dir)
+  case_dir = one_golden_case
+  config = golden_config(case_dir)
   state = jax_to_torch(read_msgpack(os.path.join(case_dir, "transformer.msgpack")), config, "transformer")
   state["extra.weight"] = torch.zeros(3)
   del state["embed.embeddings_ln.weight"]
@@ -350,8 +295,8 @@ def test_damaged_torch_checkpoint(tmp_path, existing_dst):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text", "random_bytes", "msgpack_list"])
-def test_unreadable_file(tmp_path, existing_dst, damage):
-  case_dir = CASES[0]
+def test_unreadable_file(tmp_path, existing_dst, damage, one_golden_case, run_py):
+  case_dir = one_golden_case
   src = tmp_path / "src"
   shutil.copytree(case_dir, src, ignore=shutil.ignore_patterns("*.npz", "*.txt"))
   target = src / "transformer.msgpack"
@@ -368,23 +313,22 @@ def test_unreadable_file(tmp_path, existing_dst, damage):
   if damage in ("truncated", "empty"):
     assert "truncated" in message, message
   _assert_untouched(dst, snapshot)
-  proc = _run_convert("--src", str(src), "--dst", str(dst), "--to", "jax", "--overwrite", expect_rc=2) \
-      if damage == "truncated" else None
-  if proc is not None:
-    assert "Traceback" not in proc.stderr and str(target) in proc.stderr, proc.stderr
+  if damage == "truncated":
+    _, err = _run_convert(run_py, "--src", str(src), "--dst", str(dst), "--to", "jax", "--overwrite", expect_rc=2)
+    assert str(target) in err, err
     _assert_untouched(dst, snapshot)
 
 
-def test_existing_destination_refused_without_overwrite(tmp_path, existing_dst):
+def test_existing_destination_refused_without_overwrite(tmp_path, existing_dst, one_golden_case, run_py):
   dst, snapshot = existing_dst
   with pytest.raises(ConversionError, match="exists and is not empty"):
-    convert(CASES[0], str(dst), to="torch")
+    convert(one_golden_case, str(dst), to="torch")
   _assert_untouched(dst, snapshot)
-  proc = _run_convert("--src", CASES[0], "--dst", str(dst), "--to", "torch", expect_rc=2)
-  assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+  _, err = _run_convert(run_py, "--src", one_golden_case, "--dst", str(dst), "--to", "torch", expect_rc=2)
+  assert "--overwrite" in err, err
   _assert_untouched(dst, snapshot)
   # With overwrite the old content is replaced, completely (no stale files).
-  convert(CASES[0], str(dst), to="torch", overwrite=True)
+  convert(one_golden_case, str(dst), to="torch", overwrite=True)
   assert sorted(os.listdir(dst)) == ["config.json", "manifest.json", "tokenizer.safetensors", "transformer.safetensors"]
   assert (dst / "config.json").read_text() != '{"keep": "me"}'
 
@@ -397,7 +341,7 @@ def _torch_model(cls, config, params, which):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_transformer_torch_equals_jax(seed):
+def test_random_transformer_torch_equals_jax(seed, random_config, random_params):
   config = random_config(seed)
   params = random_params(config, "transformer", seed)
   rng = np.random.default_rng(seed + 100)
@@ -434,7 +378,7 @@ def _clear_margin(latents, codebook, latent_err):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_tokenizer_torch_equals_jax(seed):
+def test_random_tokenizer_torch_equals_jax(seed, random_config, random_params):
   config = random_config(seed)
   params = random_params(config, "tokenizer", seed)
   images = np.random.default_rng(seed + 200).random((2, config.image_size, config.image_size, 3), np.float32)

@@ -18,11 +18,8 @@ import textwrap
 
 import pytest
 
-from tests import helpers
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
-CASE = helpers.golden_cases()[0]
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
@@ -49,18 +46,19 @@ def snapshot(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, one_golden_case):
   """A torch checkpoint this project wrote (the golden case converted once)."""
   path = tmp_path_factory.mktemp("converted") / "torch"
-  run("convert", "--src", CASE, "--dst", str(path), "--to", "torch")
+  run("convert", "--src", one_golden_case, "--dst", str(path), "--to", "torch")
   return str(path)
 
 
 # Finding 1 ------------------------------------------------------------------------------------------------------
-def test_dst_dot_never_wipes_the_current_directory(tmp_path):
+def test_dst_dot_never_wipes_the_current_directory(tmp_path, one_golden_case):
   (tmp_path / "thesis.tex").write_text("\\chapter{Results}\n")
   before = snapshot(tmp_path)
-  done = run("convert", "--src", CASE, "--dst", ".", "--to", "torch", "--overwrite", cwd=str(tmp_path), expect_rc=2)
+  done = run("convert", "--src", one_golden_case, "--dst", ".", "--to", "torch", "--overwrite", cwd=str(tmp_path),
+             expect_rc=2)
   assert "is the current directory" in done.stderr and "nothing was written" in done.stderr, done.stderr
   assert snapshot(tmp_path) == before
 
@@ -86,31 +84,33 @@ def test_dst_equal_to_src_is_refused(tmp_path, converted):
   assert snapshot(src) == before
 
 
-def test_dst_with_foreign_files_is_refused_and_ours_is_replaced(tmp_path, converted):
+def test_dst_with_foreign_files_is_refused_and_ours_is_replaced(tmp_path, converted, one_golden_case):
   dst = tmp_path / "dst"
   shutil.copytree(converted, dst)
   (dst / "notes.txt").write_text("mine")
   before = snapshot(dst)
-  done = run("convert", "--src", CASE, "--dst", str(dst), "--to", "jax", "--overwrite", expect_rc=2)
+  done = run("convert", "--src", one_golden_case, "--dst", str(dst), "--to", "jax", "--overwrite", expect_rc=2)
   assert f"refusing to replace {dst}: it is not a checkpoint directory written by this project (it holds " \
          f"notes.txt)" in done.stderr, done.stderr
   assert snapshot(dst) == before
   (dst / "notes.txt").unlink()  # now only what this project wrote: --overwrite replaces it, completely
-  run("convert", "--src", CASE, "--dst", str(dst), "--to", "jax", "--overwrite")
+  run("convert", "--src", one_golden_case, "--dst", str(dst), "--to", "jax", "--overwrite")
   assert sorted(os.listdir(dst)) == ["config.json", "manifest.json", "tokenizer.msgpack", "transformer.msgpack"]
 
 
 # Finding 3 ------------------------------------------------------------------------------------------------------
-def test_one_model_is_converted_with_a_note_and_sampling_it_names_the_missing_one(tmp_path):
+def test_one_model_is_converted_with_a_note_and_sampling_it_names_the_missing_one(tmp_path, one_golden_case, run_py):
   src = tmp_path / "tokenizer_only"
   src.mkdir()
   for name in ("config.json", "tokenizer.msgpack"):
-    shutil.copy(os.path.join(CASE, name), src / name)
+    shutil.copy(os.path.join(one_golden_case, name), src / name)
   done = run("convert", "--src", str(src), "--dst", str(tmp_path / "out"), "--to", "torch")
   assert "tokenizer" in done.stdout and "The source holds no transformer" in done.stdout, done.stdout
   assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "manifest.json", "tokenizer.safetensors"]
-  done = run("sample", "--checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "s.png"), expect_rc=2)
-  assert "holds no transformer (transformer.safetensors)" in done.stderr, done.stderr
+  # Sampling it: in this process (the torch import of a `run.py sample` process is not the point here).
+  rc, _, err = run_py("sample", "--checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "s.png"))
+  assert rc == 2 and err.startswith("error:") and err.count("\n") == 1, err
+  assert "holds no transformer (transformer.safetensors)" in err, err
   assert not (tmp_path / "s.png").exists()
 
 
@@ -142,9 +142,9 @@ _SLOW_CHILD = textwrap.dedent("""
 """)
 
 
-def test_leftovers_of_a_killed_conversion_are_removed_and_reported(tmp_path):
+def test_leftovers_of_a_killed_conversion_are_removed_and_reported(tmp_path, one_golden_case):
   dst = tmp_path / "out"
-  child = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, CASE, str(dst)], cwd=ROOT, env=ENV,
+  child = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, one_golden_case, str(dst)], cwd=ROOT, env=ENV,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     assert child.stdout.readline().strip() == "written", child.stderr.read()
@@ -155,7 +155,7 @@ def test_leftovers_of_a_killed_conversion_are_removed_and_reported(tmp_path):
     child.stderr.close()
   leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
   assert len(leftovers) == 1 and not dst.exists(), os.listdir(tmp_path)
-  done = run("convert", "--src", CASE, "--dst", str(dst), "--to", "torch")
+  done = run("convert", "--src", one_golden_case, "--dst", str(dst), "--to", "torch")
   assert f"removed {tmp_path / leftovers[0]}, left by an interrupted conversion" in done.stdout, done.stdout
   assert sorted(os.listdir(tmp_path)) == ["out"]
   assert sorted(os.listdir(dst)) == ["config.json", "manifest.json", "tokenizer.safetensors",
@@ -164,12 +164,12 @@ def test_leftovers_of_a_killed_conversion_are_removed_and_reported(tmp_path):
 
 # Finding 6a -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def released(tmp_path_factory, one_golden_case):
   """The official files under their released names, as `wget` leaves them: no config.json, nothing else."""
   path = tmp_path_factory.mktemp("official")
-  name = os.path.basename(CASE)
-  shutil.copy(os.path.join(CASE, "tokenizer.msgpack"), path / f"tokenizer_{name}_checkpoint")
-  shutil.copy(os.path.join(CASE, "transformer.msgpack"), path / f"maskgit_{name}_checkpoint")
+  name = os.path.basename(one_golden_case)
+  shutil.copy(os.path.join(one_golden_case, "tokenizer.msgpack"), path / f"tokenizer_{name}_checkpoint")
+  shutil.copy(os.path.join(one_golden_case, "transformer.msgpack"), path / f"maskgit_{name}_checkpoint")
   return path
 
 
@@ -180,10 +180,10 @@ def test_jax_backend_samples_the_released_files_as_downloaded(released, tmp_path
   assert (tmp_path / "s.png").stat().st_size > 0, done.stdout
 
 
-def test_both_pipelines_read_the_released_names_with_the_case_config(released):
+def test_both_pipelines_read_the_released_names_with_the_case_config(released, one_golden_case, golden_config):
   from maskgit_jax import pipeline as jax_pipeline  # pylint: disable=import-outside-toplevel
   from maskgit_torch import pipeline as torch_pipeline  # pylint: disable=import-outside-toplevel
-  expected = helpers.golden_config(CASE)
+  expected = golden_config(one_golden_case)
   for pipeline in (jax_pipeline, torch_pipeline):
     config = pipeline.MaskGIT.from_checkpoint(str(released), device="cpu").config  # the shapes give the config
     assert (config.tokenizer, config.transformer) == (expected.tokenizer, expected.transformer)
@@ -191,11 +191,11 @@ def test_both_pipelines_read_the_released_names_with_the_case_config(released):
 
 
 # Finding 6c -----------------------------------------------------------------------------------------------------
-def test_conversions_are_byte_identical_run_to_run(tmp_path):
+def test_conversions_are_byte_identical_run_to_run(tmp_path, one_golden_case):
   """Four runs (fresh processes, fresh hash seeds): every file of every output identical. With the two metadata
   entries safetensors stored in run-dependent order, four runs agreed with probability 1/64."""
   outputs = []
   for i in range(4):
-    run("convert", "--src", CASE, "--dst", str(tmp_path / str(i)), "--to", "torch")
+    run("convert", "--src", one_golden_case, "--dst", str(tmp_path / str(i)), "--to", "torch")
     outputs.append(snapshot(tmp_path / str(i)))
   assert all(o == outputs[0] for o in outputs[1:])

@@ -10,22 +10,10 @@ from PIL import Image
 import configs
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, training
-from tests.helpers import tensorboard_scalars
 
 
 def tiny():
   return configs.get_preset("tiny")
-
-
-def mean_colour_encoder(config):
-  """A stand-in tokenizer (patch mean colour -> 64 codes): deterministic and orientation-sensitive."""
-  f = config.downsample_factor
-
-  def encode(images):
-    b, h, w, _ = images.shape
-    q = np.clip((images.reshape(b, h // f, f, w // f, f, 3).mean(axis=(2, 4)) * 4).astype(np.int64), 0, 3)
-    return q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]
-  return encode
 
 
 # Images ------------------------------------------------------------------------------------------------------
@@ -73,10 +61,10 @@ def test_image_folder_sorted_classes(tmp_path):
 
 
 # Token cache -------------------------------------------------------------------------------------------------
-def test_token_cache_round_trip_flips_and_checks(tmp_path):
+def test_token_cache_round_trip_flips_and_checks(tmp_path, patch_encoder):
   config = tiny()
   ds = data_lib.SyntheticDataset(50, config.image_size, config.num_class)
-  encode = mean_colour_encoder(config)
+  encode = patch_encoder(config)  # deterministic and orientation-sensitive
   path = str(tmp_path / "tokens")
   cache = token_cache.build(path, ds, encode, config, batch_size=16, shard_size=16, progress=False,
                             tokenizer_weights_hash="jax:abc")
@@ -150,10 +138,10 @@ def test_bernoulli_masking_masks_each_token_with_the_schedule_probability():
     tiny().with_overrides({"train.masking": "random"})
 
 
-def test_training_batches_are_a_pure_function_of_step_and_position(tmp_path):
+def test_training_batches_are_a_pure_function_of_step_and_position(tmp_path, patch_encoder):
   config = tiny().with_overrides({"train.batch_size": 8})
   ds = data_lib.SyntheticDataset(20, config.image_size, config.num_class)
-  cache = token_cache.build(str(tmp_path / "t"), ds, mean_colour_encoder(config), config, progress=False)
+  cache = token_cache.build(str(tmp_path / "t"), ds, patch_encoder(config), config, progress=False)
   a, b = training.TrainingData(cache, config), training.TrainingData(cache, config)
   first = [a.global_batch(s, 8 * s) for s in range(6)]  # 48 examples: crosses two epoch boundaries
   for s in (5, 2):
@@ -212,7 +200,7 @@ def test_checkpoint_dir_keeps_last_n_and_skips_corrupt(tmp_path):
     assert ckpts.latest() is None
 
 
-def test_metrics_writer_tensorboard_events_and_resume(tmp_path):
+def test_metrics_writer_tensorboard_events_and_resume(tmp_path, tensorboard_scalars):
   pytest.importorskip("tensorboard")
   writer = training.MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):

@@ -13,7 +13,6 @@ import configs
 from maskgit_common import editing
 from maskgit_jax import sampler as jax_sampler
 from maskgit_torch import sampler as torch_sampler
-from tests.test_sampler import _toy
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +75,8 @@ def test_edit_modes_for_empty_and_full_masks():
 
 
 @pytest.mark.parametrize("options", [{}, {"guidance_scale": 2.0, "order": "halton"}])
-def test_tokens_outside_the_mask_never_change_in_either_backend(config, options):
-  jax_fn, torch_fn, k, _ = _toy(seq_len=config.seq_len, k=config.codebook_size, num_class=config.num_class)
+def test_tokens_outside_the_mask_never_change_in_either_backend(config, options, toy_logits):
+  jax_fn, torch_fn, k, _ = toy_logits(seq_len=config.seq_len, k=config.codebook_size, num_class=config.num_class)
   rng = np.random.default_rng(2)
   codes = rng.integers(0, k, (2, 8, 8))
   mask = editing.latent_mask_from_bbox(config, 8, 8, 12, 12)

@@ -3,36 +3,20 @@
 images, features and metrics."""
 
 import json
-import os
 
 import numpy as np
-import pytest
 import torch
 
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  from configs import get_preset  # pylint: disable=import-outside-toplevel
-  from maskgit_torch import checkpoint as torch_checkpoint  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
-  config = get_preset("tiny").with_overrides(["num_class=3", "transformer.num_layers=1", "sampler.num_iter=4"])
-  torch.manual_seed(1)
-  path = str(tmp_path_factory.mktemp("eval") / "ckpt")
-  torch_checkpoint.save_checkpoint(path, config,
-                                 {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
-  return config, path
-
-
-def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(checkpoint, tmp_path):
+def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(tiny_checkpoint, tiny_pipelines,
+                                                                              tmp_path):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import evaluation  # pylint: disable=import-outside-toplevel
   from evaluation import inception, sampler, shards  # pylint: disable=import-outside-toplevel
   from maskgit_common.data import write_synthetic_folder  # pylint: disable=import-outside-toplevel
-  from maskgit_jax import pipeline as jax_pipeline, sampler as jax_sampler  # pylint: disable=import-outside-toplevel
-  from maskgit_torch import pipeline as torch_pipeline, sampler as torch_sampler  # pylint: disable=import-outside-toplevel
-  config, path = checkpoint
+  from maskgit_jax import sampler as jax_sampler  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import sampler as torch_sampler  # pylint: disable=import-outside-toplevel
+  config = tiny_checkpoint[0]
   ref = write_synthetic_folder(str(tmp_path / "ref"), 20000, 6)
 
   def draws(labels, seed):
@@ -43,10 +27,10 @@ def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(c
 
   noise = {"jax": lambda l, s: jax_sampler.RecordedNoise(*map(jnp.asarray, draws(l, s))),
            "torch": lambda l, s: torch_sampler.RecordedNoise(*map(torch.as_tensor, draws(l, s)))}
-  decoder = torch_pipeline.MaskGIT.from_checkpoint(path, device="cpu")
+  decoder = tiny_pipelines[("torch", "torch")]
   reports, features = {}, {}
-  for backend, module in (("torch", torch_pipeline), ("jax", jax_pipeline)):
-    model = module.MaskGIT.from_checkpoint(path, device="cpu")
+  for backend in ("torch", "jax"):
+    model = tiny_pipelines[(backend, "torch")]
     generate = sampler.generate_fn(model, decoder, config.sampler.num_iter, noise_for=noise[backend])
     extractor = inception.build_extractor(None, device="cpu", batch_size=6)
     out = str(tmp_path / backend)

@@ -1,7 +1,8 @@
 """The walkthrough scripts in examples/ run end to end and do what they print, on a tiny random checkpoint.
 
-The demo model is not needed: one module-scoped checkpoint (the tiny preset with a 1-layer transformer, random
-weights) stands in for it, so these tests pass on a fresh clone before any training.
+The demo model is not needed: one checkpoint (tests/conftest.py's synthetic_checkpoint: the tiny preset over the ten
+synthetic classes with a 1-layer transformer, random weights) stands in for it, so these tests pass on a fresh clone
+before any training.
 """
 
 import importlib.util
@@ -15,7 +16,6 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from configs import get_preset
 import conversion
 from maskgit_common import data
 
@@ -34,26 +34,14 @@ def example(name):
   return module
 
 
-def tiny_config():
-  config = get_preset("tiny").with_overrides({
-      "transformer.num_layers": 1, "transformer.num_embeds": 32, "transformer.num_heads": 2,
-      "transformer.intermediate_size": 64, "sampler.num_iter": 4, "sampler.edit_start_iter": 1})
-  return config.replace(data=config.data.__class__(dataset="synthetic", class_names=data.SYNTHETIC_CLASSES))
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  from maskgit_torch.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.tokenizer import VQVAE  # pylint: disable=import-outside-toplevel
-  from maskgit_torch.transformer import Transformer  # pylint: disable=import-outside-toplevel
-  config = tiny_config()
-  torch.manual_seed(0)
-  path = str(tmp_path_factory.mktemp("examples") / "checkpoint")
-  save_checkpoint(path, config, {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
-  return path
+def checkpoint(synthetic_checkpoint):
+  """The tiny model over the ten synthetic classes, random weights: the demo model's stand-in."""
+  return synthetic_checkpoint[1]
 
 
-def test_convert_checkpoint_round_trip_is_bit_identical_from_a_plain_shell(checkpoint, tmp_path):
+def test_convert_checkpoint_round_trip_is_bit_identical_from_a_plain_shell(synthetic_checkpoint, tmp_path):
+  config, checkpoint = synthetic_checkpoint
   # As a user runs it: a subprocess outside the repository, the script finding the packages by itself.
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "convert_checkpoint.py"), "--checkpoint",
@@ -61,7 +49,6 @@ def test_convert_checkpoint_round_trip_is_bit_identical_from_a_plain_shell(check
                         text=True, timeout=120, check=False)
   assert done.returncode == 0, done.stderr
   assert "bit-identical" in done.stdout and "transformer" in done.stdout
-  config = tiny_config()
   for which in ("tokenizer", "transformer"):
     original = safetensors.numpy.load_file(os.path.join(checkpoint, f"{which}.safetensors"))
     back = safetensors.numpy.load_file(os.path.join(tmp_path, "torch", f"{which}.safetensors"))

@@ -1,4 +1,5 @@
-"""maskgit_jax tokenizer, transformer and checkpoint loader against every golden case (and the live official code).
+"""maskgit_jax tokenizer, transformer and checkpoint loader against the golden cases and the live official code
+(parameter trees of every case; outputs of the largest case by default, of every case with `-m slow`).
 
 Every float check has two parts:
   * ours vs the official code run live here on the case's checkpoint and inputs: max abs <= 1e-5
@@ -31,11 +32,9 @@ from maskgit_jax.tokenizer import VQVAE
 from maskgit_jax.transformer import Transformer
 from parity_tests import oracle
 from parity_tests.intermediates import flatten_flax
-from tests.helpers import golden_cases, golden_config
+from tests.conftest import golden_cases
 
 TOL = 1e-5  # docs/ARCHITECTURE.md, 'Parity targets': JAX vs official latents, reconstructions, logits
-CASES = golden_cases()
-IDS = [os.path.basename(c) for c in CASES]
 TREES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_official_param_trees.txt")
 TOKENIZER_ARRAYS = ("encoder_output", "quantized", "reconstruction", "random_codes_decoded")
 LOGITS = ("all_masked", "partial", "unmasked")
@@ -75,26 +74,53 @@ def _transformer_outputs(model, variables, tio, inter):
   return out
 
 
-@functools.lru_cache(maxsize=None)
-def case_data(case_dir):
-  """Config, variables (loaded with the full tree check), fixtures, our outputs and the live official outputs."""
-  cfg = golden_config(case_dir)
-  npz = lambda name: dict(np.load(os.path.join(case_dir, name)))
-  data = dict(cfg=cfg, tokenizer_io=npz("tokenizer_io.npz"), transformer_io=npz("transformer_io.npz"),
-              intermediates=npz("transformer_intermediates.npz"))
-  data["variables"] = load_checkpoint(case_dir, cfg)[1]  # every leaf checked against the official table
-  ours = _tokenizer_outputs(VQVAE(cfg), data["variables"]["tokenizer"], data["tokenizer_io"], official=False)
-  ours.update(_transformer_outputs(Transformer(cfg), data["variables"]["transformer"], data["transformer_io"],
-                                   data["intermediates"]))
-  data["ours"] = ours
-  data["official"] = None
-  if oracle.official_skip_reason() is None:
-    official = _tokenizer_outputs(oracle.official_tokenizer(cfg), data["variables"]["tokenizer"],
-                                  data["tokenizer_io"], official=True)
-    official.update(_transformer_outputs(oracle.official_transformer(cfg), data["variables"]["transformer"],
-                                         data["transformer_io"], data["intermediates"]))
-    data["official"] = official
-  return data
+@pytest.fixture(scope="module")
+def case_data(golden_config):
+  """case_data(case_dir, outputs=True) -> config, variables (loaded with the full tree check) and fixtures; with
+  outputs, also our outputs and the live official outputs (eager, the expensive part). Each computed once per case
+  for the module."""
+  @functools.lru_cache(maxsize=None)
+  def load(case_dir):
+    cfg = golden_config(case_dir)
+    npz = lambda name: dict(np.load(os.path.join(case_dir, name)))
+    data = dict(cfg=cfg, tokenizer_io=npz("tokenizer_io.npz"), transformer_io=npz("transformer_io.npz"),
+                intermediates=npz("transformer_intermediates.npz"))
+    data["variables"] = load_checkpoint(case_dir, cfg)[1]  # every leaf checked against the official table
+    return data
+
+  def get(case_dir, outputs=True):
+    data = load(case_dir)
+    if outputs and "ours" not in data:
+      cfg, variables = data["cfg"], data["variables"]
+      ours = _tokenizer_outputs(VQVAE(cfg), variables["tokenizer"], data["tokenizer_io"], official=False)
+      ours.update(_transformer_outputs(Transformer(cfg), variables["transformer"], data["transformer_io"],
+                                       data["intermediates"]))
+      data["ours"] = ours
+      data["official"] = None
+      if oracle.official_skip_reason() is None:
+        official = _tokenizer_outputs(oracle.official_tokenizer(cfg), variables["tokenizer"], data["tokenizer_io"],
+                                      official=True)
+        official.update(_transformer_outputs(oracle.official_transformer(cfg), variables["transformer"],
+                                             data["transformer_io"], data["intermediates"]))
+        data["official"] = official
+    return data
+  return get
+
+
+# The output comparisons (eager, ours and the live official: tens of seconds per case) run on the largest golden
+# case by default, on every case under -m slow: the largest (`small`) has every dimension of the others and more
+# (4 resolution levels, 2 residual blocks, 3 layers, 6 heads), and the parity runner checks every case's JAX
+# outputs against its recording on every run.
+_CASES = golden_cases()
+_LARGEST = max(_CASES, key=lambda c: sum(os.path.getsize(os.path.join(c, f"{w}.msgpack"))
+                                         for w in ("tokenizer", "transformer")))
+
+
+@pytest.fixture(scope="module", params=[pytest.param(c, id=os.path.basename(c),
+                                                     marks=() if c == _LARGEST else pytest.mark.slow)
+                                        for c in _CASES])
+def compared_case(request):
+  return request.param
 
 
 def _f64(tree):
@@ -126,15 +152,15 @@ def read_param_tree(path):
   return trees
 
 
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_param_trees_equal_official(case_dir):
+def test_param_trees_equal_official(golden_case, golden_config, case_data):
+  case_dir = golden_case
   cfg = golden_config(case_dir)
   official = read_param_tree(os.path.join(case_dir, "param_tree.txt"))
   assert set(official) == {"tokenizer.msgpack", "transformer.msgpack"}
   for which in ("tokenizer", "transformer"):
     assert flat_shapes(expected_shapes(cfg, which)) == official[f"{which}.msgpack"], which
     # And the loaded file holds exactly that tree (load_checkpoint also checked it).
-    assert flat_shapes(case_data(case_dir)["variables"][which]) == official[f"{which}.msgpack"]
+    assert flat_shapes(case_data(case_dir, outputs=False)["variables"][which]) == official[f"{which}.msgpack"]
 
 
 def read_imagenet_trees():
@@ -173,9 +199,8 @@ def test_imagenet_preset_trees_equal_official():
 
 
 # Tokenizer -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_tokenizer_codes_identical(case_dir):
-  data = case_data(case_dir)
+def test_tokenizer_codes_identical(compared_case, case_data):
+  data = case_data(compared_case)
   codes = data["ours"]["codes"]
   chex.assert_shape(codes, data["tokenizer_io"]["codes"].shape)
   chex.assert_trees_all_equal(codes, data["tokenizer_io"]["codes"])
@@ -184,17 +209,15 @@ def test_tokenizer_codes_identical(case_dir):
 
 
 @pytest.mark.parametrize("key", TOKENIZER_ARRAYS)
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_tokenizer_arrays(case_dir, key):
-  data = case_data(case_dir)
+def test_tokenizer_arrays(compared_case, case_data, key):
+  data = case_data(compared_case)
   official = data["official"][key] if data["official"] else None
-  check_close(data["ours"][key], data["tokenizer_io"][key], official, f"{os.path.basename(case_dir)}/{key}")
+  check_close(data["ours"][key], data["tokenizer_io"][key], official, f"{os.path.basename(compared_case)}/{key}")
 
 
-@pytest.mark.parametrize("case_dir", CASES[:1], ids=IDS[:1])
-def test_tokenizer_reconstruction_call_and_decode(case_dir):
+def test_tokenizer_reconstruction_call_and_decode(one_golden_case, case_data):
   """__call__ = decode(encode) and decode(quantized) = decode_from_indices(codes), exactly."""
-  data = case_data(case_dir)
+  data = case_data(one_golden_case, outputs=False)
   model, variables = VQVAE(data["cfg"]), data["variables"]["tokenizer"]
   images = data["tokenizer_io"]["images"][:1]
   via_call = model.apply(variables, images)
@@ -204,8 +227,8 @@ def test_tokenizer_reconstruction_call_and_decode(case_dir):
 
 # Transformer -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", LOGITS)
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_transformer_logits(case_dir, kind):
+def test_transformer_logits(compared_case, case_data, kind):
+  case_dir = compared_case
   data = case_data(case_dir)
   key = f"logits_{kind}"
   chex.assert_shape(data["ours"][key], (data["transformer_io"][f"ids_{kind}"].shape[0], data["cfg"].seq_len,
@@ -214,9 +237,8 @@ def test_transformer_logits(case_dir, kind):
   check_close(data["ours"][key], data["transformer_io"][key], official, f"{os.path.basename(case_dir)}/{key}")
 
 
-@pytest.mark.parametrize("case_dir", CASES, ids=IDS)
-def test_transformer_intermediates(case_dir):
-  data = case_data(case_dir)
+def test_transformer_intermediates(compared_case, case_data):
+  data = case_data(compared_case)
   ours = data["ours"]["intermediates"]
   recorded = {k: v for k, v in data["intermediates"].items() if k != "ids_row0"}
   assert len(recorded) > 5 and set(recorded) <= set(ours), sorted(set(recorded) - set(ours))
@@ -227,18 +249,16 @@ def test_transformer_intermediates(case_dir):
     check_close(ours[key], recorded[key], official[key] if official else None, key)
 
 
-@pytest.mark.parametrize("case_dir", CASES[:1], ids=IDS[:1])
-def test_mask_id_reads_last_embedding_row(case_dir):
-  data = case_data(case_dir)
+def test_mask_id_reads_last_embedding_row(one_golden_case, case_data):
+  data = case_data(one_golden_case, outputs=False)
   ids = data["transformer_io"]["ids_partial"]
   wrapped = np.where(ids == -1, data["cfg"].vocab_size - 1, ids)
   model, variables = Transformer(data["cfg"]), data["variables"]["transformer"]
   chex.assert_trees_all_equal(model.apply(variables, ids), model.apply(variables, wrapped))
 
 
-def test_dropout_changes_logits_only_when_not_deterministic():
-  cfg = tiny()
-  variables = init_variables(cfg, "transformer", jax.random.PRNGKey(0))
+def test_dropout_changes_logits_only_when_not_deterministic(tiny_transformer_variables):
+  cfg, variables = tiny_transformer_variables
   ids = jnp.tile(jnp.arange(cfg.seq_len)[None] % cfg.codebook_size, (2, 1))
   model = Transformer(cfg)
   a = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
@@ -249,9 +269,8 @@ def test_dropout_changes_logits_only_when_not_deterministic():
   assert max_abs(a, c) > 1e-3 and max_abs(a, d) > 1e-3
 
 
-def test_bfloat16_compute_keeps_float32_params_and_logits():
-  cfg = tiny()
-  variables = init_variables(cfg, "transformer", jax.random.PRNGKey(0))
+def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_transformer_variables):
+  cfg, variables = tiny_transformer_variables
   ids = jax.random.randint(jax.random.PRNGKey(3), (2, cfg.seq_len), -1, cfg.codebook_size)
   full = Transformer(cfg).apply(variables, ids)
   fast = Transformer(cfg, dtype=jnp.bfloat16).apply(variables, ids)
@@ -269,8 +288,8 @@ def _other_config(cfg, which):
       cfg.transformer, num_layers=cfg.transformer.num_layers + 1))
 
 
-@pytest.mark.parametrize("case_dir", CASES[:1], ids=IDS[:1])
-def test_checkpoint_of_another_config_lists_every_mismatch(case_dir):
+def test_checkpoint_of_another_config_lists_every_mismatch(one_golden_case, golden_config):
+  case_dir = one_golden_case
   cfg = golden_config(case_dir)
   tok = os.path.join(case_dir, "tokenizer.msgpack")
   with pytest.raises(CheckpointError) as e:
@@ -292,8 +311,8 @@ def test_checkpoint_of_another_config_lists_every_mismatch(case_dir):
   assert message.count("\n") >= 16  # one line per problem: 2 shapes + 16 leaves of the extra layer
 
 
-@pytest.mark.parametrize("case_dir", CASES[:1], ids=IDS[:1])
-def test_truncated_and_foreign_files_raise_checkpoint_error(case_dir, tmp_path):
+def test_truncated_and_foreign_files_raise_checkpoint_error(one_golden_case, golden_config, tmp_path):
+  case_dir = one_golden_case
   cfg = golden_config(case_dir)
   with open(os.path.join(case_dir, "transformer.msgpack"), "rb") as f:
     data = f.read()

@@ -32,7 +32,6 @@ from maskgit_jax import tokenizer as jax_tokenizer, transformer as jax_transform
 from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import tokenizer as torch_tokenizer, transformer as torch_transformer
 from parity_tests.intermediates import capture_torch, flatten_flax
-from tests import helpers
 
 PAIRS = {"tokenizer": (torch_tokenizer, jax_tokenizer), "transformer": (torch_transformer, jax_transformer)}
 TORCH_ONLY = {"LayerNorm", "GroupNorm", "conv", "forward", "reset_parameters"}
@@ -93,9 +92,9 @@ def test_package_exports_match():
 
 # The same weights in both backends: the smallest vendored case, read once. -------------------------------------
 @pytest.fixture(scope="module")
-def models():
-  case_dir = min(helpers.golden_cases(), key=lambda c: os.path.getsize(os.path.join(c, "tokenizer.msgpack")))
-  config = helpers.golden_config(case_dir)
+def models(golden_cases, golden_config):
+  case_dir = min(golden_cases, key=lambda c: os.path.getsize(os.path.join(c, "tokenizer.msgpack")))
+  config = golden_config(case_dir)
   out = {"config": config, "io": dict(np.load(os.path.join(case_dir, "tokenizer_io.npz"))),
          "ids": np.load(os.path.join(case_dir, "transformer_io.npz"))["ids_partial"]}
   for which in ("tokenizer", "transformer"):

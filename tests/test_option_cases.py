@@ -11,12 +11,12 @@ import pytest
 
 from parity_tests import option_cases
 from parity_tests.case import Case
-from tests.helpers import GOLDEN_DIR
 
-DATA = os.path.join(os.path.dirname(GOLDEN_DIR), "data_options")
+PARITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "parity_tests")
+DATA = os.path.join(PARITY, "data_options")
 with open(os.path.join(DATA, "cases.json")) as _f:
   INDEX = json.load(_f)
-CASE = Case(os.path.join(GOLDEN_DIR, INDEX["source_case"]))
+CASE = Case(os.path.join(PARITY, "data", INDEX["source_case"]))
 
 
 def stored(option):

@@ -1,56 +1,33 @@
 """The two pipelines (maskgit_{jax,torch}/pipeline.py): loading either checkpoint layout, and identical results.
 
-One tiny random model is written as a torch checkpoint directory and converted to a JAX one; every pipeline
-(torch/JAX backend x torch/JAX layout) must encode to the same codes and, from the same recorded draws, decode the
-same tokens.
+One tiny random model (tests/conftest.py's tiny_checkpoint) is a torch checkpoint directory converted to a JAX one;
+every pipeline (torch/JAX backend x torch/JAX layout, loaded once) must encode to the same codes and, from the same
+recorded draws, decode the same tokens.
 """
 
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from configs import get_preset
-import conversion
 from maskgit_common import editing
 from maskgit_jax import pipeline as jax_pipeline
 from maskgit_jax import sampler as jax_sampler
-from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import pipeline as torch_pipeline
 from maskgit_torch import sampler as torch_sampler
-from maskgit_torch.tokenizer import VQVAE
-from maskgit_torch.transformer import Transformer
 
-CLASSES = ("circle", "square", "triangle")
-
-
-def tiny_config():
-  config = get_preset("tiny").with_overrides(["num_class=3", "transformer.num_layers=1", "sampler.num_iter=4",
-                                              "sampler.edit_start_iter=1"])
-  return config.replace(data=config.data.__class__(dataset="synthetic", class_names=CLASSES))
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint):
+  """(config, torch checkpoint dir, the same weights as a JAX checkpoint dir): tests/conftest.py's tiny model."""
+  return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  config = tiny_config()
-  torch.manual_seed(0)
-  root = tmp_path_factory.mktemp("pipeline")
-  torch_dir, jax_dir = str(root / "torch"), str(root / "jax")
-  torch_checkpoint.save_checkpoint(torch_dir, config,
-                                 {"tokenizer": VQVAE(config), "transformer": Transformer(config)})
-  conversion.convert(torch_dir, jax_dir, to="jax")
-  return config, torch_dir, jax_dir
-
-
-def pipelines(checkpoints):
-  _, torch_dir, jax_dir = checkpoints
-  return {(backend, layout): module.MaskGIT.from_checkpoint(path, device="cpu")
-          for backend, module in (("torch", torch_pipeline), ("jax", jax_pipeline))
-          for layout, path in (("torch", torch_dir), ("jax", jax_dir))}
+def models(tiny_pipelines):
+  """Every pipeline (torch/JAX backend x torch/JAX layout) of the checkpoints, loaded once."""
+  return tiny_pipelines
 
 
 def images(config, n=2, seed=0):
@@ -71,9 +48,8 @@ def recorded(backend, draws):
   return torch_sampler.RecordedNoise(torch.as_tensor(draws[0]), torch.as_tensor(draws[1]))
 
 
-def test_every_backend_and_layout_encodes_and_decodes_alike(checkpoints):
+def test_every_backend_and_layout_encodes_and_decodes_alike(checkpoints, models):
   config = checkpoints[0]
-  models = pipelines(checkpoints)
   x = images(config)
   codes = {key: m.encode(x) for key, m in models.items()}
   ref = codes[("jax", "jax")]
@@ -86,9 +62,8 @@ def test_every_backend_and_layout_encodes_and_decodes_alike(checkpoints):
     np.testing.assert_allclose(d, decoded[("jax", "jax")], atol=1e-4, rtol=0, err_msg=str(key))
 
 
-def test_generate_gives_identical_tokens_across_backends_from_recorded_draws(checkpoints):
+def test_generate_gives_identical_tokens_across_backends_from_recorded_draws(checkpoints, models):
   config = checkpoints[0]
-  models = pipelines(checkpoints)
   labels = [0, 2, 1]
   draws = recorded_draws(config, len(labels), config.sampler.num_iter)
   results = {key: m.generate(labels, noise=recorded(key[0], draws)) for key, m in models.items()}
@@ -100,10 +75,10 @@ def test_generate_gives_identical_tokens_across_backends_from_recorded_draws(che
     np.testing.assert_allclose(imgs, ref_images, atol=1e-4, rtol=0, err_msg=str(key))
 
 
-def test_seed_reproduces_within_a_backend_and_changes_the_samples(checkpoints):
+def test_seed_reproduces_within_a_backend_and_changes_the_samples(checkpoints, models):
   config = checkpoints[0]
-  for backend, module in (("torch", torch_pipeline), ("jax", jax_pipeline)):
-    model = module.MaskGIT.from_checkpoint(checkpoints[1], device="cpu")
+  for backend in ("torch", "jax"):
+    model = models[(backend, "torch")]
     _, a = model.generate([0, 1], seed=3)
     _, b = model.generate([0, 1], seed=3)
     _, c = model.generate([0, 1], seed=4)
@@ -113,9 +88,8 @@ def test_seed_reproduces_within_a_backend_and_changes_the_samples(checkpoints):
     assert a.shape == (2, config.latent_size, config.latent_size)
 
 
-def test_edit_keeps_every_token_outside_the_mask_in_both_backends(checkpoints):
+def test_edit_keeps_every_token_outside_the_mask_in_both_backends(checkpoints, models):
   config = checkpoints[0]
-  models = pipelines(checkpoints)
   x = images(config, n=1, seed=5)
   h = config.latent_size
   latent_mask = np.zeros((h, h), np.float32)
@@ -141,22 +115,23 @@ def test_overrides_apply_and_shape_changing_overrides_fail_clearly(checkpoints):
       module.MaskGIT.from_checkpoint(path, overrides=["transformer.num_layers=2"], device="cpu")
 
 
-def test_bad_labels_and_images_are_refused_with_the_reason(checkpoints):
-  for module in (torch_pipeline, jax_pipeline):
-    model = module.MaskGIT.from_checkpoint(checkpoints[2], device="cpu")
+def test_bad_labels_and_images_are_refused_with_the_reason(models):
+  for backend in ("torch", "jax"):
+    model = models[(backend, "jax")]
     with pytest.raises(ValueError, match=r"\[0, 3\).*\[7\]"):
       model.generate([0, 7])
     with pytest.raises(ValueError, match=r"\(B, 32, 32, 3\).*\(1, 16, 16, 3\)"):
       model.encode(np.zeros((1, 16, 16, 3), np.float32))
 
 
-def test_fast_precision_stays_close_to_parity(checkpoints):
+def test_fast_precision_stays_close_to_parity(checkpoints, models):
   config = checkpoints[0]
   ids = np.full((2, config.seq_len), -1, np.int64)
   ids[:, 0] = config.codebook_size
   ids[:, 5:20] = 7
-  for module, to_array in ((torch_pipeline, lambda a: torch.as_tensor(a)), (jax_pipeline, np.asarray)):
-    parity = module.MaskGIT.from_checkpoint(checkpoints[1], device="cpu")
+  for backend, module, to_array in (("torch", torch_pipeline, lambda a: torch.as_tensor(a)),
+                                    ("jax", jax_pipeline, np.asarray)):
+    parity = models[(backend, "torch")]
     fast = module.MaskGIT.from_checkpoint(checkpoints[1], device="cpu", precision="fast")
     a = np.asarray(parity.tokens_to_logits(to_array(ids)), np.float32)
     b = np.asarray(fast.tokens_to_logits(to_array(ids)), np.float32)
@@ -210,11 +185,8 @@ def test_fast_precision_on_a_cpu_without_bfloat16_warns(checkpoints, monkeypatch
     assert any("emulated" in str(w.message) for w in caught) == expect_warning, native
 
 
-def test_torch_compile_flag_is_refused_for_the_jax_backend(checkpoints, tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, os.path.join(root, "run.py"), "sample", "--backend", "jax",
-                         "--torch_compile", "--checkpoint", checkpoints[1], "--out", str(tmp_path / "x.png")],
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-  assert proc.stderr.startswith("error:") and "--torch_compile" in proc.stderr, proc.stderr
+def test_torch_compile_flag_is_refused_for_the_jax_backend(checkpoints, tmp_path, run_py):
+  rc, _, err = run_py("sample", "--backend", "jax", "--torch_compile", "--checkpoint", checkpoints[1], "--out",
+                      str(tmp_path / "x.png"))
+  assert rc == 2 and err.startswith("error:") and err.count("\n") == 1 and "--torch_compile" in err, err
   assert not os.listdir(tmp_path)

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from maskgit_common import editing, schedules
 from maskgit_jax import sampler as jax_sampler
 from maskgit_torch import sampler as torch_sampler
-from tests.helpers import golden_cases, golden_config
 
 OFFICIAL = ("uniform", "cosine", "pow1", "pow2", "pow2.5", "pow3", "pow0.5", "log", "exp")
 SEED = ("linear", "square", "root", "arccos")
@@ -19,8 +18,8 @@ FIELDS = ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "
 
 
 # Schedules ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", golden_cases())
-def test_numpy_and_jax_schedules_reproduce_the_official_grid(case):
+def test_numpy_and_jax_schedules_reproduce_the_official_grid(golden_case):
+  case = golden_case
   sched = np.load(f"{case}/mask_schedule.npz")
   ratios, total = sched["ratios"][None, :], sched["total_unknown"][:, None]
   for key in (k for k in sched.files if k.startswith("mask_ratio_")):
@@ -58,16 +57,7 @@ def test_schedule_values_and_errors():
     schedules.mask_ratio(r, 64, "pow-2")
 
 
-# A toy logits function, identical in both backends: a random table indexed by (position, token). ---------------
-def _toy(seq_len=65, k=32, num_class=10, seed=0):
-  vocab = k + num_class + 1
-  table = np.random.default_rng(seed).normal(size=(seq_len, vocab, k)).astype(np.float32)
-  jt, tt = jnp.asarray(table), torch.from_numpy(table)
-  jax_fn = lambda ids: jt[jnp.arange(seq_len)[None, :], ids % vocab]
-  torch_fn = lambda ids: tt[torch.arange(seq_len)[None, :], ids % vocab]
-  return jax_fn, torch_fn, k, num_class
-
-
+# A toy logits function, identical in both backends (tests/conftest.py's toy_logits). ---------------------------
 def _init_ids(batch, seq_len, k, known_fraction=0.0, seed=1):
   rng = np.random.default_rng(seed)
   ids = np.full((batch, seq_len), -1, np.int32)
@@ -94,9 +84,9 @@ def _official_draws(key, n, batch, seq_len, k):
         ("uniform", 12, 2, 0.3), ("uniform", 8, 0, 0.0), ("pow3", 12, 0, 0.0), ("pow2.5", 12, 0, 0.0),
         ("exp", 12, 0, 0.0))),
 ])
-def test_jax_equals_official_and_torch_equals_jax(method, num_iter, start_iter, known):
+def test_jax_equals_official_and_torch_equals_jax(method, num_iter, start_iter, known, toy_logits):
   from maskgit.libml import parallel_decode  # the official package
-  jax_fn, torch_fn, k, _ = _toy()
+  jax_fn, torch_fn, k, _ = toy_logits()
   ids = _init_ids(3, 65, k, known)
   key = jax.random.PRNGKey(7)
   kwargs = dict(num_iter=num_iter, start_iter=start_iter, choice_temperature=4.5, mask_schedule=method)
@@ -118,8 +108,8 @@ def test_jax_equals_official_and_torch_equals_jax(method, num_iter, start_iter, 
 
 @pytest.mark.parametrize("method", ("arccos", pytest.param("linear", marks=pytest.mark.slow),
                                     pytest.param("square", marks=pytest.mark.slow), "root"))
-def test_seed_schedules_identical_in_both_backends(method):
-  jax_fn, torch_fn, k, _ = _toy()
+def test_seed_schedules_identical_in_both_backends(method, toy_logits):
+  jax_fn, torch_fn, k, _ = toy_logits()
   ids = _init_ids(2, 65, k)
   draws = _official_draws(jax.random.PRNGKey(3), 8, 2, 65, k)
   kwargs = dict(num_iter=8, start_iter=0, choice_temperature=4.5, mask_schedule=method)
@@ -133,8 +123,8 @@ def test_seed_schedules_identical_in_both_backends(method):
   np.testing.assert_array_equal(lens, expected)
 
 
-def test_decode_is_jittable_and_generator_noise_is_reproducible():
-  jax_fn, torch_fn, k, _ = _toy()
+def test_decode_is_jittable_and_generator_noise_is_reproducible(toy_logits):
+  jax_fn, torch_fn, k, _ = toy_logits()
   ids = _init_ids(2, 65, k)
   fn = jax.jit(lambda i, key: jax_sampler.decode(i, jax_fn, jax_sampler.PRNGNoise(key), num_iter=8,
                                                  choice_temperature=4.5).final_seqs)
@@ -148,8 +138,8 @@ def test_decode_is_jittable_and_generator_noise_is_reproducible():
   assert (runs[0][:, -1, 1:] >= 0).all() and (runs[0][:, -1, 1:] < k).all()
 
 
-def test_bad_inputs_are_clear_errors():
-  jax_fn, torch_fn, k, _ = _toy()
+def test_bad_inputs_are_clear_errors(toy_logits):
+  jax_fn, torch_fn, k, _ = toy_logits()
   ids = _init_ids(2, 65, k)
   draws = _official_draws(jax.random.PRNGKey(3), 2, 2, 65, k)
   with pytest.raises(ValueError, match="2 recorded steps, the decode runs 8"):
@@ -162,8 +152,8 @@ def test_bad_inputs_are_clear_errors():
 
 
 # Editing inputs -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", golden_cases())
-def test_edit_mask_and_input_tokens_match_the_official_record(case):
+def test_edit_mask_and_input_tokens_match_the_official_record(golden_case, golden_config):
+  case = golden_case
   config = golden_config(case)
   rec = np.load(f"{case}/edit.npz")
   top, left, height, width = (int(v) for v in rec["edit_bbox_top_left_height_width"])

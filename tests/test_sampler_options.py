@@ -13,13 +13,11 @@ import torch
 import configs
 import conversion
 from maskgit_common import halton, schedules
-from maskgit_jax import checkpoint as jax_checkpoint
 from maskgit_jax import sampler as jax_sampler
 from maskgit_jax.transformer import Transformer as JaxTransformer
 from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import sampler as torch_sampler
 from maskgit_torch.transformer import Transformer as TorchTransformer
-from tests.helpers import golden_cases, golden_config
 
 FIELDS = ("final_seqs", "step_input_ids", "step_sampled_ids", "step_mask_len", "step_masking", "step_state_after")
 # A random-init transformer barely looks at the class token (near-uniform attention), so guidance needs a large w
@@ -40,10 +38,9 @@ OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tiny_transformer_variables):
   """The tiny preset's transformer, random init in JAX, converted to torch as a user would."""
-  config = configs.tiny()
-  variables = jax_checkpoint.init_variables(config, "transformer", jax.random.PRNGKey(0))
+  config, variables = tiny_transformer_variables
   torch_model = TorchTransformer(config)
   flat = conversion.flatten(jax.tree_util.tree_map(np.asarray, variables))
   torch_model.load_state_dict(torch_checkpoint.from_flat(config, "transformer", flat), strict=True)
@@ -133,8 +130,8 @@ def test_guidance_uses_one_batched_call_with_the_null_class(models):
   assert (calls[0][2:, 0] == -1).all() and np.array_equal(calls[0][2:, 1:], ids[:, 1:])
 
 
-def test_defaults_are_the_official_decoder_on_the_golden_record():
-  case = golden_cases()[0]
+def test_defaults_are_the_official_decoder_on_the_golden_record(one_golden_case, golden_config):
+  case = one_golden_case
   config = golden_config(case)
   rec = np.load(f"{case}/decode.npz")
   model = TorchTransformer(config)

@@ -15,9 +15,9 @@ from conversion.tables import seed as seed_table
 from maskgit_common.errors import UserError
 from parity_tests import seed_checks
 from parity_tests.case import Case
-from tests import helpers
+from tests.conftest import seed_cases
 
-CASE = helpers.seed_cases()[0]
+CASE = seed_cases()[0]
 
 
 def _same(a, b):

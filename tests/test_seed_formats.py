@@ -20,11 +20,11 @@ from conversion import CheckpointFormatError, ConversionError
 from maskgit_common.errors import UserError
 from parity_tests import seed_checks
 from parity_tests.case import Case
-from tests import helpers
+from tests.conftest import GOLDEN_DIR, seed_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = helpers.GOLDEN_DIR
-CASES = [os.path.basename(c) for c in helpers.seed_cases()]
+DATA = GOLDEN_DIR
+CASES = [os.path.basename(c) for c in seed_cases()]
 
 
 def _case(name=None):

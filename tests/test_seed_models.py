@@ -15,10 +15,10 @@ from configs import ConfigError, MaskGITConfig
 from maskgit_common.token_layout import seed_layout, token_layout
 from parity_tests import seed_checks
 from parity_tests.case import Case
-from tests import helpers
+from tests.conftest import GOLDEN_DIR, golden_cases, seed_cases
 
-DATA = helpers.GOLDEN_DIR
-CASES = [os.path.basename(c) for c in helpers.seed_cases()]
+DATA = GOLDEN_DIR
+CASES = [os.path.basename(c) for c in seed_cases()]
 BACKENDS = ("torch", "jax")
 
 
@@ -293,7 +293,7 @@ def test_seed_cases_are_recognised_from_their_files():
   """Beside the official cases in the one fixture directory, the seed cases are told apart by their format, and
   declare every check, train.step (issue 18) included, each with an implementation."""
   from parity_tests import checks, plan  # pylint: disable=import-outside-toplevel
-  for path in helpers.golden_cases():
+  for path in golden_cases():
     assert plan.case_format(Case(path)).name == "official", path
   for name in CASES:
     case = Case(os.path.join(DATA, name))

@@ -17,9 +17,9 @@ from maskgit_torch import pipeline as torch_pipeline
 from maskgit_torch import sampler as torch_sampler
 from parity_tests import seed_checks, seed_sample_checks, seed_torch
 from parity_tests.case import Case
-from tests import helpers
+from tests.conftest import seed_cases
 
-CASE = Case(min(helpers.seed_cases(), key=lambda c: os.path.getsize(os.path.join(c, "MaskGIT", "current.pth"))))
+CASE = Case(min(seed_cases(), key=lambda c: os.path.getsize(os.path.join(c, "MaskGIT", "current.pth"))))
 
 
 def cli(*argv):

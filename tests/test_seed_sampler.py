@@ -24,10 +24,10 @@ from maskgit_jax import sampler as jax_sampler
 from maskgit_torch import sampler as torch_sampler
 from parity_tests import make_halton_cases
 from parity_tests import seed_sample_checks as checks
-from tests import helpers
+from tests.conftest import GOLDEN_DIR, seed_cases
 
-DATA = helpers.GOLDEN_DIR
-CASES = tuple(os.path.basename(c) for c in helpers.seed_cases())
+DATA = GOLDEN_DIR
+CASES = tuple(os.path.basename(c) for c in seed_cases())
 REPLAYED = ("default", "inpaint")  # the variants that record step_logits_cond / step_logits_uncond
 BACKENDS = ("torch", "jax")
 

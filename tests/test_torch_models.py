@@ -20,10 +20,8 @@ from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch.tokenizer import VQVAE, upsample
 from maskgit_torch.transformer import Transformer, gelu
 from parity_tests.intermediates import capture_torch
-from tests import helpers
 
 TOL = 1e-4
-CASES = helpers.golden_cases()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,11 +31,11 @@ def _max_diff(a, b):
   return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-@pytest.fixture(scope="module", params=CASES, ids=os.path.basename)
-def case(request):
-  """(case_dir, config, tokenizer, transformer), weights from the case's official msgpack files."""
-  case_dir = request.param
-  config = helpers.golden_config(case_dir)
+@pytest.fixture(scope="module")
+def case(golden_case, golden_config):
+  """(case_dir, config, tokenizer, transformer) for each golden case, weights from its official msgpack files."""
+  case_dir = golden_case
+  config = golden_config(case_dir)
   models = {}
   for which, cls in (("tokenizer", VQVAE), ("transformer", Transformer)):
     model = cls(config)
@@ -141,9 +139,9 @@ def test_fast_mode_bf16_autocast(case):
   assert torch.isfinite(images).all()
 
 
-def test_torch_path_never_imports_jax(tmp_path):
+def test_torch_path_never_imports_jax(tmp_path, one_golden_case):
   """maskgit_torch and the msgpack -> torch conversion path run without jax/flax ever being imported."""
-  case_dir = CASES[0]
+  case_dir = one_golden_case
   code = f"""
 import sys
 import maskgit_torch, maskgit_torch.tokenizer, maskgit_torch.transformer, maskgit_torch.checkpoint

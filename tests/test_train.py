@@ -20,7 +20,7 @@ import configs
 import conversion
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, training
-from tests.helpers import patch_encoder, small_train_config as small_config, tensorboard_scalars
+from tests.conftest import patch_encoder, small_train_config as small_config, tensorboard_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,7 +239,7 @@ _SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_train as t
-from tests.helpers import small_train_config
+from tests.conftest import small_train_config
 cfg = small_train_config({cache!r}, num_train_steps={steps}, log_every_steps=1).with_overrides({overrides!r})
 t.backend({name!r}).train(cfg, {workdir!r}, progress=False)
 """

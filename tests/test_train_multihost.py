@@ -17,14 +17,12 @@ import time
 
 import pytest
 
-from maskgit_common import data as data_lib
-from maskgit_common import fileio, token_cache, training
-from tests.helpers import patch_encoder, small_train_config
+from maskgit_common import fileio, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("flax")
 
-# The tiny preset shrunk as in tests/test_train.py, as `--set` flags of the README command.
+# The tiny preset shrunk as tests/conftest.py's small_train_config, as `--set` flags of the README command.
 SETS = {"transformer.num_layers": 1, "transformer.num_embeds": 32, "transformer.num_heads": 2,
         "transformer.intermediate_size": 64, "train.batch_size": 16, "train.warmup_steps": 5,
         "train.checkpoint_every_steps": 4, "train.log_every_steps": 1, "data.dataset": "tokens"}
@@ -75,12 +73,8 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("cache") / "tokens")
-  config = small_train_config()
-  token_cache.build(path, data_lib.SyntheticDataset(256, config.image_size, config.num_class), patch_encoder(config),
-                    config, progress=False)
-  return path
+def cache(train_token_cache):
+  return train_token_cache
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 starting from the seed's .pth and exporting it back, random crops, and the recipe under accumulation.
 
 Fast tests use a 1-layer seed-architecture transformer on a token cache from the cheap patch "tokenizer"
-(tests/helpers.py); the full paths (kill -9, DDP / mesh, learning on real tokens) are slow.
+(tests/conftest.py); the full paths (kill -9, DDP / mesh, learning on real tokens) are slow.
 """
 
 import math
@@ -16,7 +16,7 @@ from configs import recipes
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, train_init, training
 from parity_tests.case import Case
-from tests.helpers import patch_encoder, small_train_config
+from tests.conftest import patch_encoder, small_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

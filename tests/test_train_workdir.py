@@ -17,7 +17,7 @@ import pytest
 from maskgit_common import data as data_lib
 from maskgit_common import token_cache, training, workdir as workdir_lib
 from maskgit_common.errors import UserError
-from tests.helpers import patch_encoder, small_train_config
+from tests.conftest import patch_encoder, small_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch = pytest.importorskip("torch")
@@ -176,7 +176,7 @@ _SLOW_BUILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from maskgit_common import data as data_lib, token_cache
-from tests.helpers import small_train_config
+from tests.conftest import small_train_config
 config = small_train_config()
 def encode(images):
   time.sleep(0.2)

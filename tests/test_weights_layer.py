@@ -24,10 +24,8 @@ from maskgit_jax import pipeline as jax_pipeline
 from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import pipeline as torch_pipeline
 from maskgit_common.errors import UserError
-from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASE = helpers.golden_cases()[0]
 PARTS = ("tokenizer", "transformer")
 
 
@@ -97,9 +95,9 @@ def test_conversion_never_imports_a_backend():
       assert name == "torch_pickle.py" or name.startswith("seed"), (path, "only the pickle readers may use torch")
 
 
-def test_one_check_one_message_format_in_both_layouts():
-  config = helpers.golden_config(CASE)
-  flat = conversion.read(CASE).parts["transformer"]
+def test_one_check_one_message_format_in_both_layouts(one_golden_case, golden_config):
+  config = golden_config(one_golden_case)
+  flat = conversion.read(one_golden_case).parts["transformer"]
   assert conversion.check(config, "transformer", flat) == []
   state = conversion.to_torch_layout(config, "transformer", flat)
   assert conversion.check(config, "transformer", state, layout="torch") == []
@@ -122,10 +120,10 @@ def test_one_check_one_message_format_in_both_layouts():
       backend.from_flat(config, "transformer", bad)
 
 
-def test_torch_layout_round_trip_is_bit_exact_and_consumes():
-  config = helpers.golden_config(CASE)
+def test_torch_layout_round_trip_is_bit_exact_and_consumes(one_golden_case, golden_config):
+  config = golden_config(one_golden_case)
   for part in PARTS:
-    flat = conversion.read(CASE).parts[part]
+    flat = conversion.read(one_golden_case).parts[part]
     source = dict(flat)
     state = conversion.to_torch_layout(config, part, source, consume=True)
     assert source == {}  # every array dropped as converted: one copy of the part in memory
@@ -143,27 +141,27 @@ def test_table_registry_selects_by_arch_and_refuses_unknown_archs():
     conversion.param_table(type("Cfg", (), {"transformer": fake})(), "transformer")
 
 
-def test_formats_are_registered_in_one_place_and_ambiguity_is_refused(tmp_path):
+def test_formats_are_registered_in_one_place_and_ambiguity_is_refused(tmp_path, one_golden_case):
   assert set(formats.FORMATS) >= {"official", "torch", "jax", "file", "seed"}
   assert set(formats.writers()) == {"torch", "jax", "seed"}
   mixed = tmp_path / "mixed"
-  conversion.convert(CASE, str(tmp_path / "t"), to="torch")
+  conversion.convert(one_golden_case, str(tmp_path / "t"), to="torch")
   shutil.copytree(tmp_path / "t", mixed)
-  shutil.copy(os.path.join(CASE, "tokenizer.msgpack"), mixed / "tokenizer.msgpack")
+  shutil.copy(os.path.join(one_golden_case, "tokenizer.msgpack"), mixed / "tokenizer.msgpack")
   with pytest.raises(conversion.ConversionError, match="ambiguous") as info:
     conversion.read(str(mixed))
   assert "tokenizer.safetensors" in str(info.value) and "tokenizer.msgpack" in str(info.value)
   two = tmp_path / "two"
   two.mkdir()
   for name in ("tokenizer_a_checkpoint", "tokenizer_b_checkpoint"):
-    shutil.copy(os.path.join(CASE, "tokenizer.msgpack"), two / name)
+    shutil.copy(os.path.join(one_golden_case, "tokenizer.msgpack"), two / name)
   with pytest.raises(conversion.ConversionError, match=r"several tokenizer checkpoints"):
     conversion.read(str(two))
 
 
-def test_write_refuses_mismatched_weights_before_writing(tmp_path):
-  config = helpers.golden_config(CASE)
-  flat = dict(conversion.read(CASE).parts["tokenizer"])
+def test_write_refuses_mismatched_weights_before_writing(tmp_path, one_golden_case, golden_config):
+  config = golden_config(one_golden_case)
+  flat = dict(conversion.read(one_golden_case).parts["tokenizer"])
   flat.pop("params/quantizer/codebook")
   with pytest.raises(conversion.ConversionError, match="missing: params/quantizer/codebook"):
     conversion.write(str(tmp_path / "out"), config, {"tokenizer": flat}, format="jax")
@@ -172,13 +170,13 @@ def test_write_refuses_mismatched_weights_before_writing(tmp_path):
 
 # Finding 3: a checkpoint without both models ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tokenizer_only(tmp_path_factory):
+def tokenizer_only(tmp_path_factory, one_golden_case):
   """A torch and a JAX checkpoint directory holding the tokenizer alone."""
   root = tmp_path_factory.mktemp("tokenizer_only")
   src = root / "src"
   src.mkdir()
-  shutil.copy(os.path.join(CASE, "config.json"), src / "config.json")
-  shutil.copy(os.path.join(CASE, "tokenizer.msgpack"), src / "tokenizer.msgpack")
+  shutil.copy(os.path.join(one_golden_case, "config.json"), src / "config.json")
+  shutil.copy(os.path.join(one_golden_case, "tokenizer.msgpack"), src / "tokenizer.msgpack")
   out = {to: conversion.convert(str(src), str(root / to), to=to) for to in ("torch", "jax")}
   return root, out
 
@@ -210,7 +208,7 @@ def pytorch_file(request, tmp_path_factory):
   return path
 
 
-def test_a_pytorch_pickle_is_named_as_such(pytorch_file, tmp_path):
+def test_a_pytorch_pickle_is_named_as_such(pytorch_file, tmp_path, one_golden_case, golden_config):
   with pytest.raises(conversion.CheckpointFormatError) as info:
     flax_msgpack.read_msgpack(pytorch_file)
   message = str(info.value)
@@ -220,7 +218,7 @@ def test_a_pytorch_pickle_is_named_as_such(pytorch_file, tmp_path):
   # Renamed into the place of a msgpack file of a checkpoint directory: the same, naming that file.
   directory = tmp_path / "jax"
   directory.mkdir()
-  helpers.golden_config(CASE).save(str(directory / "config.json"))
+  golden_config(one_golden_case).save(str(directory / "config.json"))
   shutil.copy(pytorch_file, directory / "tokenizer.msgpack")
   with pytest.raises(conversion.CheckpointFormatError) as info:
     conversion.read(str(directory), parts=("tokenizer",))
@@ -228,8 +226,8 @@ def test_a_pytorch_pickle_is_named_as_such(pytorch_file, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated_header", "truncated_data", "empty"])
-def test_damaged_safetensors_is_a_format_error_naming_the_file(tmp_path, damage):
-  conversion.convert(CASE, str(tmp_path / "t"), to="torch")
+def test_damaged_safetensors_is_a_format_error_naming_the_file(tmp_path, damage, one_golden_case):
+  conversion.convert(one_golden_case, str(tmp_path / "t"), to="torch")
   target = tmp_path / "t" / "transformer.safetensors"
   data = target.read_bytes()
   target.write_bytes({"truncated_header": data[:20], "truncated_data": data[:-100], "empty": b""}[damage])
@@ -256,11 +254,11 @@ def test_a_lone_imagenet_tokenizer_asks_for_config_naming_both_presets():
 
 
 # Finding 6c: safetensors outputs are byte-identical run to run ---------------------------------------------------
-def test_torch_outputs_are_byte_identical_run_to_run(tmp_path):
+def test_torch_outputs_are_byte_identical_run_to_run(tmp_path, one_golden_case, golden_config):
   """safetensors keeps metadata in a hash map seeded per map: with two entries, repeated writes of the same weights
   in one process came out in different orders about half the time."""
-  config = helpers.golden_config(CASE)
-  parts = {p: conversion.read(CASE).parts[p] for p in PARTS}
+  config = golden_config(one_golden_case)
+  parts = {p: conversion.read(one_golden_case).parts[p] for p in PARTS}
   outputs = []
   for i in range(6):
     conversion.write(str(tmp_path / str(i)), config, parts, format="torch")
@@ -270,13 +268,13 @@ def test_torch_outputs_are_byte_identical_run_to_run(tmp_path):
 
 
 # Finding 6d: messages that ask for a config name the CLI flag ----------------------------------------------------
-def test_config_requests_name_the_flag(tmp_path):
-  conversion.convert(CASE, str(tmp_path / "t"), to="torch")
+def test_config_requests_name_the_flag(tmp_path, one_golden_case):
+  conversion.convert(one_golden_case, str(tmp_path / "t"), to="torch")
   (tmp_path / "t" / "config.json").unlink()
   (tmp_path / "t" / "manifest.json").unlink()
   cases = [lambda: conversion.read(str(tmp_path / "t")),  # torch weights without a config.json
            lambda: conversion.read(str(tmp_path / "t" / "tokenizer.safetensors")),  # a bare torch file
-           lambda: conversion.infer_config(None, conversion.read(CASE).parts["transformer"])]
+           lambda: conversion.infer_config(None, conversion.read(one_golden_case).parts["transformer"])]
   for make in cases:
     with pytest.raises(conversion.ConversionError) as info:
       make()
