@@ -173,7 +173,7 @@ def check_flags(command: str) -> None:
 
 
 def set_precision(backend: str, precision: str) -> None:
-  """Parity mode (docs/ARCHITECTURE.md, "Numerics"): float32 with the highest matmul precision and TF32 off."""
+  """Parity mode (docs/ARCHITECTURE.md, "Numerics contract"): float32 with the highest matmul precision and TF32 off."""
   if backend == "jax":
     import jax
     jax.config.update("jax_default_matmul_precision", "highest" if precision == "parity" else "default")
@@ -215,6 +215,8 @@ def resolve_device(backend: str):
 
 def check_devices(command: str) -> None:
   """Before any slow work: --device must exist for every backend the subcommand runs."""
+  if command == "train" and multihost_settings(model_backend()) is not None:
+    return  # listing JAX's devices would start its backend, which jax.distributed.initialize must come before
   if command in ("sample", "edit", "eval", "train"):
     backends = {model_backend()} | ({"torch"} if command == "eval" else set())  # eval's extractor is torch
   elif command == "parity":

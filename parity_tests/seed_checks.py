@@ -250,7 +250,7 @@ def _jax_trees_are_maskgit_jax(jax_dir):
 
 
 # The implemented checks of the seed format, by check kind (parity_tests/plan.py declares them, the runner looks
-# them up here). "train.step" is not here yet: the runner reports it NOT YET until it is added as one entry.
+# them up here); "train.step" is parity_tests/seed_train_checks.py, registered in checks.CHECKS.
 CHECKS = {
     ("seed", "tokenizer.codes"): check_codes,
     ("seed", "tokenizer.decode"): check_decode,
