@@ -355,6 +355,57 @@ def fmt(value, spec: str) -> str:
 IMPLS = ("official", "jax", "torch", "torch_compiled", "hmorimitsu")
 
 
+def print_header(preset, config, device, gemm) -> float:
+  """The run's header lines (versions, load, the CPU's ISA and GEMM rate, the models' FLOPs); returns the
+  tokenizer decoder's FLOPs per image."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from maskgit_torch import device as torch_device  # pylint: disable=import-outside-toplevel
+  print(f"# sample benchmark {time.strftime('%Y-%m-%d %H:%M')}: preset {preset}, device {device}, jax "
+        f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}")
+  if gemm is not None:
+    print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; `% peak` is of "
+          f"a float32 GEMM ({GEMM_N}^3, torch, {torch.get_num_threads()} threads: "
+          f"{1e3 * gemm_tflops(time_best({GEMM: gemm}, 5)[GEMM]):.1f} GFLOP/s now), timed again in each row group's "
+          f"rounds (`# gemm` lines)")
+  image_flops = decoder_flops(config)
+  print(f"# transformer: {model_flops(config, 1, False) / 1e9:.4g} GFLOP per image per step (analytic); "
+        f"{model_flops(config, 8, False) / 1e9:.4g} GFLOP per image at 8 steps without guidance; tokenizer decoder "
+        f"{image_flops / 1e9:.4g} GFLOP per image (counted); TFLOP/s counts both")
+  return image_flops
+
+
+def row_group(runners, call, config, device, gemm, on_gpu, image_flops, batch, steps, guidance):
+  """Times every runner (interleaved with the GEMM reference on a CPU) at one (batch, steps, guidance) and prints
+  their rows; returns the GEMM rate of these rounds (TFLOP/s) or None."""
+  # The official code and hmorimitsu's port have no classifier-free guidance.
+  active = {n: r for n, r in runners.items() if not (n[0] in ("official", "hmorimitsu") and guidance)}
+  gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()}
+                  | ({GEMM: gemm} if gemm else {}), FLAGS.repeats)
+  reference = gemm_tflops(gen.pop(GEMM)) if gemm else None
+  tokens = {n: np.asarray(call(n, lambda r=r: r.generate(batch, steps, guidance, seed=1))()) for n, r in active.items()}
+  dec = time_best({n: call(n, lambda r=r, n=n: r.decode_tokens(tokens[n])) for n, r in active.items()}, FLAGS.repeats)
+  official = gen.get(("official", "parity"))
+  for (impl, label), runner in active.items():
+    seconds = gen[(impl, label)]
+    parity = tokens.get((impl, "parity"))
+    same_parity = (float((tokens[(impl, label)] == parity).mean())
+                   if label != "parity" and impl != "official" and parity is not None else None)
+    same_official = (float((tokens[(impl, label)] == tokens[("official", "parity")]).mean())
+                     if impl == "jax" and ("official", "parity") in tokens else None)
+    set_precision(label)
+    mem = runner.peak_memory(batch, steps, guidance)
+    achieved = (model_flops(config, steps, bool(guidance)) + image_flops) * batch / seconds / 1e12
+    peak = peak_tflops(device, label) if on_gpu else reference
+    ratio = official / seconds if official else None
+    print(f"| {impl} | {label} | {batch} | {steps} | {guidance:g} | {batch / seconds:.2f} | "
+          f"{1e3 * seconds:.2f} | {1e3 * dec[(impl, label)]:.2f} | {fmt(mem and mem / 2**20, '.1f')} | "
+          f"{achieved:.4f} | {fmt(peak and 100 * achieved / peak, '.1f')} | {fmt(ratio, '.2f')} | "
+          f"{fmt(same_parity, '.4f')} | {fmt(same_official, '.4f')} |", flush=True)
+  return reference
+
+
 def main(argv):
   del argv
   impls = list(FLAGS.impls) + (["hmorimitsu"] if FLAGS.peer_hm and "hmorimitsu" not in FLAGS.impls else [])
@@ -376,19 +427,8 @@ def main(argv):
   variables = {w: checkpoint.init_variables(config, w, jax.random.PRNGKey(i))
                for i, w in enumerate(("tokenizer", "transformer"))}
   from maskgit_torch import device as torch_device  # pylint: disable=import-outside-toplevel
-  print(f"# sample benchmark {time.strftime('%Y-%m-%d %H:%M')}: preset {preset}, device {device}, jax "
-        f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}")
   gemm = None if on_gpu else cpu_gemm()
-  if gemm is not None:
-    print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; `% peak` is of "
-          f"a float32 GEMM ({GEMM_N}^3, torch, {torch.get_num_threads()} threads: "
-          f"{1e3 * gemm_tflops(time_best({GEMM: gemm}, 5)[GEMM]):.1f} GFLOP/s now), timed again in each row group's "
-          f"rounds (`# gemm` lines)")
-  image_flops = decoder_flops(config)
-  print(f"# transformer: {model_flops(config, 1, False) / 1e9:.4g} GFLOP per image per step (analytic); "
-        f"{model_flops(config, 8, False) / 1e9:.4g} GFLOP per image at 8 steps without guidance; tokenizer decoder "
-        f"{image_flops / 1e9:.4g} GFLOP per image (counted); TFLOP/s counts both")
+  image_flops = print_header(preset, config, device, gemm)
   # (impl, precision as run, precision label): the official code runs `default` (as released) only on a GPU,
   # where it differs from `parity`; it has no bfloat16 switch. hmorimitsu's port runs float32 only.
   variants = [(impl, p, "default" if impl == "official" and p == "fast" else p)
@@ -413,34 +453,9 @@ def main(argv):
   for steps in map(int, FLAGS.steps):
     for guidance in map(float, FLAGS.guidance):
       for batch in map(int, FLAGS.batch_sizes):
-        # The official code and hmorimitsu's port have no classifier-free guidance.
-        active = {n: r for n, r in runners.items() if not (n[0] in ("official", "hmorimitsu") and guidance)}
-        gen = time_best({n: call(n, lambda r=r: r.generate(batch, steps, guidance)) for n, r in active.items()}
-                        | ({GEMM: gemm} if gemm else {}), FLAGS.repeats)
-        reference = gemm_tflops(gen.pop(GEMM)) if gemm else None
+        reference = row_group(runners, call, config, device, gemm, on_gpu, image_flops, batch, steps, guidance)
         if reference:
           references.append(f"batch {batch} steps {steps} cfg {guidance:g}: {1e3 * reference:.1f}")
-        tokens = {n: np.asarray(call(n, lambda r=r: r.generate(batch, steps, guidance, seed=1))())
-                  for n, r in active.items()}
-        dec = time_best({n: call(n, lambda r=r, n=n: r.decode_tokens(tokens[n])) for n, r in active.items()},
-                        FLAGS.repeats)
-        official = gen.get(("official", "parity"))
-        for (impl, label), runner in active.items():
-          seconds = gen[(impl, label)]
-          parity = tokens.get((impl, "parity"))
-          same_parity = (float((tokens[(impl, label)] == parity).mean())
-                         if label != "parity" and impl != "official" and parity is not None else None)
-          same_official = (float((tokens[(impl, label)] == tokens[("official", "parity")]).mean())
-                           if impl == "jax" and ("official", "parity") in tokens else None)
-          set_precision(label)
-          mem = runner.peak_memory(batch, steps, guidance)
-          achieved = (model_flops(config, steps, bool(guidance)) + image_flops) * batch / seconds / 1e12
-          peak = peak_tflops(device, label) if on_gpu else reference
-          ratio = official / seconds if official else None
-          print(f"| {impl} | {label} | {batch} | {steps} | {guidance:g} | {batch / seconds:.2f} | "
-                f"{1e3 * seconds:.2f} | {1e3 * dec[(impl, label)]:.2f} | {fmt(mem and mem / 2**20, '.1f')} | "
-                f"{achieved:.4f} | {fmt(peak and 100 * achieved / peak, '.1f')} | {fmt(ratio, '.2f')} | "
-                f"{fmt(same_parity, '.4f')} | {fmt(same_official, '.4f')} |", flush=True)
   probe = (min(map(int, FLAGS.batch_sizes)), int(FLAGS.steps[0]))
   print()
   if references:

@@ -220,31 +220,41 @@ def build(path: str, dataset, encode_fn: Callable[[np.ndarray], np.ndarray], con
     for _, images, labels in batches:
       shape = images.shape[:-3]  # (b,) or (b, crops)
       images = images.reshape(-1, *images.shape[-3:])
-      codes = np.asarray(encode_fn(images))
-      if codes.shape != (images.shape[0], h, h) or codes.min() < 0 or codes.max() >= k:
-        raise TokenCacheError(f"encode_fn returned codes of shape {codes.shape} in [{codes.min()}, {codes.max()}]; "
-                              f"expected ({images.shape[0]}, {h}, {h}) in [0, {k})")
-      buf["codes"].append(codes.reshape(*shape, h, h))
+      buf["codes"].append(_encode(encode_fn, images, h, k).reshape(*shape, h, h))
       buf["labels"].append(labels)
       if flip:
-        mirrored = np.asarray(encode_fn(np.ascontiguousarray(images[:, :, ::-1])))
+        mirrored = _encode(encode_fn, np.ascontiguousarray(images[:, :, ::-1]), h, k)
         buf["flipped"].append(mirrored.reshape(*shape, h, h))
       pending += len(labels)
       if pending >= shard_size:
         flush()
         pending = 0
     flush()
-    signature = tokenizer_signature(config)
-    index = {
-        "format": FORMAT, "version": VERSION, "num_examples": int(sum(s["num_examples"] for s in shards)),
-        "latent_size": h, "codebook_size": k, "code_dtype": np.dtype(code_dtype).name,
-        "num_class": int(config.num_class), "has_flipped": bool(flip), "num_crops": int(crops),
-        "crops_requested": int(requested),
-        "tokenizer_signature": signature, "tokenizer_signature_hash": signature_hash(signature),
-        "tokenizer_weights_hash": tokenizer_weights_hash,
-        "source": dataset.describe() if hasattr(dataset, "describe") else {"dataset": type(dataset).__name__},
-        "class_names": list(getattr(dataset, "class_names", [])), "shards": shards,
-    }
+    index = _index(config, dataset, shards, code_dtype, flip, crops, requested, tokenizer_weights_hash)
     with open(os.path.join(tmp, "index.json"), "w") as f:
       json.dump(index, f, indent=1)
   return TokenCache(path, config, tokenizer_weights_hash)
+
+
+def _encode(encode_fn, images: np.ndarray, h: int, k: int) -> np.ndarray:
+  """encode_fn(images) as numpy, checked to be (b, h, h) codes in [0, k)."""
+  codes = np.asarray(encode_fn(images))
+  if codes.shape != (images.shape[0], h, h) or codes.min() < 0 or codes.max() >= k:
+    raise TokenCacheError(f"encode_fn returned codes of shape {codes.shape} in [{codes.min()}, {codes.max()}]; "
+                          f"expected ({images.shape[0]}, {h}, {h}) in [0, {k})")
+  return codes
+
+
+def _index(config, dataset, shards, code_dtype, flip, crops, requested, tokenizer_weights_hash) -> dict:
+  """The cache's index.json: its shards, sizes, and what made it (the tokenizer's signature, the source)."""
+  signature = tokenizer_signature(config)
+  return {
+      "format": FORMAT, "version": VERSION, "num_examples": int(sum(s["num_examples"] for s in shards)),
+      "latent_size": config.latent_size, "codebook_size": config.codebook_size,
+      "code_dtype": np.dtype(code_dtype).name, "num_class": int(config.num_class), "has_flipped": bool(flip),
+      "num_crops": int(crops), "crops_requested": int(requested),
+      "tokenizer_signature": signature, "tokenizer_signature_hash": signature_hash(signature),
+      "tokenizer_weights_hash": tokenizer_weights_hash,
+      "source": dataset.describe() if hasattr(dataset, "describe") else {"dataset": type(dataset).__name__},
+      "class_names": list(getattr(dataset, "class_names", [])), "shards": shards,
+  }

@@ -27,7 +27,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import conversion
 from configs import MaskGITConfig
@@ -37,7 +36,7 @@ from maskgit_common import train_loop, training, workdir as workdir_lib
 from maskgit_torch import checkpoint as checkpoint_lib
 from maskgit_torch import device as device_lib
 from maskgit_torch import train_state
-from maskgit_torch.tokenizer import VQVAE
+from maskgit_torch.tokenizer import VQVAE, entropy_loss, squared_distances
 
 def make_optimizer(model: torch.nn.Module, settings: common.TokenizerTrainSettings) -> torch.optim.Adam:
   """Adam with the official betas; the learning rate is set before every step from `common.learning_rate`."""
@@ -54,29 +53,6 @@ def init_model(config: MaskGITConfig, seed: int, state_dict=None, device="cpu") 
     conversion.check_config(config, {"tokenizer": state_dict}, layout="torch")
     model.load_state_dict(state_dict)
   return model.to(device).train()
-
-
-def entropy_loss(affinity: torch.Tensor, loss_type: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
-  """Codebook-usage regulariser of the official trainer (maskgit/libml/losses.py): per-sample minus batch entropy."""
-  flat = affinity.reshape(-1, affinity.shape[-1]) / temperature
-  probs = F.softmax(flat, dim=-1)
-  log_probs = F.log_softmax(flat + 1e-5, dim=-1)
-  if loss_type == "softmax":
-    target = probs
-  elif loss_type == "argmax":
-    onehot = F.one_hot(flat.argmax(dim=-1), flat.shape[-1]).to(flat.dtype)
-    target = probs - (probs - onehot).detach()  # straight-through
-  else:
-    raise ValueError(f"entropy loss type {loss_type!r} is not 'softmax' or 'argmax'")
-  avg_probs = target.mean(dim=0)
-  avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
-  sample_entropy = -(target * log_probs).sum(dim=-1).mean()
-  return sample_entropy - avg_entropy
-
-
-def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-  """|z|^2 - 2 z.c + |c|^2 for flat z (N, E) and codebook (K, E) in float32, the official order of operations."""
-  return (z ** 2).sum(dim=1, keepdim=True) - 2 * (z @ codebook.t()) + (codebook ** 2).sum(dim=1)[None, :]
 
 
 def vq_losses(z: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor, tc) -> dict:

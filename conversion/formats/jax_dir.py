@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from conversion.formats.extras import read_extras, write_extras
-from conversion.formats.common import CONFIG_FILE, config_kind, materialize, read_config
+from conversion.formats.extras import read_extras, write_directory
+from conversion.formats.common import config_kind, read_config
 from conversion.formats.flax_msgpack import read_msgpack, write_msgpack
 from conversion.layout import ordered
 from conversion.tree import as_flat, unflatten
@@ -34,12 +34,5 @@ def read(path: str, config=None):
 
 
 def write(tmp: str, config, parts: dict, extras: dict) -> None:
-  config.save(os.path.join(tmp, CONFIG_FILE))
-  write_extras(tmp, materialize(extras))  # e.g. the seed's iter, epoch and AdamW state: kept for writing back
-  for part, value in parts.items():
-    flat = materialize(value)
-    if not flat:  # a part that failed its checks: the conversion raises once every part is checked
-      continue
-    tree = unflatten(ordered(config, part, flat))
-    del flat
-    write_msgpack(os.path.join(tmp, FILES[part]), tree)
+  write_directory(tmp, config, parts, extras, lambda part, flat: write_msgpack(
+      os.path.join(tmp, FILES[part]), unflatten(ordered(config, part, flat))))

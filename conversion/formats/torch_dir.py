@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from conversion.errors import PASS_CONFIG, ConversionError
-from conversion.formats.extras import read_extras, write_extras
-from conversion.formats.common import CONFIG_FILE, materialize, read_config
+from conversion.formats.extras import read_extras, write_directory
+from conversion.formats.common import CONFIG_FILE, read_config
 from conversion.formats.safetensors_numpy import read_safetensors, write_safetensors
 from conversion.layout import from_torch_layout, to_torch_layout
 
@@ -36,12 +36,6 @@ def read(path: str, config=None):
 
 
 def write(tmp: str, config, parts: dict, extras: dict) -> None:
-  config.save(os.path.join(tmp, CONFIG_FILE))
-  write_extras(tmp, materialize(extras))  # e.g. the seed's iter, epoch and AdamW state: kept for writing back
-  for part, value in parts.items():
-    flat = materialize(value)
-    if not flat:  # a part that failed its checks: the conversion raises once every part is checked
-      continue
-    state = to_torch_layout(config, part, flat, consume=True)
-    del flat
-    write_safetensors(os.path.join(tmp, FILES[part]), state)
+  # consume: the canonical arrays are released as their torch-layout copies are made (one part's peak, not two)
+  write_directory(tmp, config, parts, extras, lambda part, flat: write_safetensors(
+      os.path.join(tmp, FILES[part]), to_torch_layout(config, part, flat, consume=True)))
