@@ -48,6 +48,16 @@ def golden_config(case_dir):
     return MaskGITConfig.from_official(json.load(f), name=os.path.basename(case_dir))
 
 
+def smallest_case_by_default(cases):
+  """pytest.params of the case names: the smallest case (fewest bytes on disk) in the default run, every other
+  under `-m slow`. For per-module tests that call a check the parity runner makes on every vendored case in the
+  default run anyway (parity_tests/test_runner.py::test_every_check_passes_on_the_vendored_cases): the default run
+  keeps one case through the module's own assertions, `-m slow` every case."""
+  size = lambda c: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(c) for f in files)
+  smallest = min(cases, key=size)
+  return [pytest.param(os.path.basename(c), marks=() if c == smallest else pytest.mark.slow) for c in cases]
+
+
 @pytest.fixture(scope="module", params=golden_cases(), ids=os.path.basename)
 def golden_case(request):
   """Each vendored golden case directory in turn (a test taking it runs once per case). Module scope: pytest groups
@@ -145,7 +155,7 @@ def tiny_transformer_variables():
   import jax
   from maskgit_jax.checkpoint import init_variables
   config = configs.tiny()
-  return config, init_variables(config, "transformer", jax.random.PRNGKey(0))
+  return config, jax.jit(lambda key: init_variables(config, "transformer", key))(jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="session")
@@ -287,6 +297,21 @@ def patch_encoder_fixture():
 def small_train_config_fixture():
   """small_train_config(cache="", **train) -> the tiny training config."""
   return small_train_config
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): the tiny
+  training models run faster on one thread than on oversubscribed cores."""
+  try:
+    import torch
+  except ImportError:
+    yield
+    return
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@
   * damaged checkpoints (renamed / missing / extra / mis-shaped parameters, truncated or non-msgpack files) fail with
     ONE error listing every problem, and the destination is never touched;
   * property tests: random small configs with random weights, torch vs JAX within the torch parity bound
-    (<= 1e-4, docs/ARCHITECTURE.md, "Numerics").
+    (<= 1e-4, docs/ARCHITECTURE.md, "Numerics contract").
 
 Random configs and weights come from tests/conftest.py (`random_config`, `random_params`, shared with test_oracle.py).
 """
@@ -31,7 +31,7 @@ from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch.tokenizer import VQVAE as TorchVQVAE
 from maskgit_torch.transformer import Transformer as TorchTransformer
 
-# torch vs official (docs/ARCHITECTURE.md, "Numerics"), and so torch vs our JAX (within 1e-5 of the official)
+# torch vs official (docs/ARCHITECTURE.md, "Numerics contract"), and so torch vs our JAX (within 1e-5 of the official)
 TOL = 1e-4
 WHICH = ("tokenizer", "transformer")
 

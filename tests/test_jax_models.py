@@ -260,11 +260,11 @@ def test_mask_id_reads_last_embedding_row(one_golden_case, case_data):
 def test_dropout_changes_logits_only_when_not_deterministic(tiny_transformer_variables):
   cfg, variables = tiny_transformer_variables
   ids = jnp.tile(jnp.arange(cfg.seq_len)[None] % cfg.codebook_size, (2, 1))
-  model = Transformer(cfg)
-  a = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-  b = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-  c = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
-  d = model.apply(variables, ids)
+  apply = jax.jit(Transformer(cfg).apply, static_argnames="deterministic")  # eager flax: seconds per call
+  a = apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  b = apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  c = apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+  d = apply(variables, ids)
   chex.assert_trees_all_equal(a, b)
   assert max_abs(a, c) > 1e-3 and max_abs(a, d) > 1e-3
 
@@ -272,8 +272,8 @@ def test_dropout_changes_logits_only_when_not_deterministic(tiny_transformer_var
 def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_transformer_variables):
   cfg, variables = tiny_transformer_variables
   ids = jax.random.randint(jax.random.PRNGKey(3), (2, cfg.seq_len), -1, cfg.codebook_size)
-  full = Transformer(cfg).apply(variables, ids)
-  fast = Transformer(cfg, dtype=jnp.bfloat16).apply(variables, ids)
+  full = jax.jit(Transformer(cfg).apply)(variables, ids)
+  fast = jax.jit(Transformer(cfg, dtype=jnp.bfloat16).apply)(variables, ids)
   chex.assert_type([fast, full], jnp.float32)
   chex.assert_type(jax.tree_util.tree_leaves(variables), jnp.float32)
   # bf16 has an 8-bit mantissa; logits of a random init are O(1), so a few 1e-2 is the expected bf16 error.

@@ -24,7 +24,7 @@ from maskgit_jax import sampler as jax_sampler
 from maskgit_torch import sampler as torch_sampler
 from parity_tests import make_halton_cases
 from parity_tests import seed_sample_checks as checks
-from tests.conftest import GOLDEN_DIR, seed_cases
+from tests.conftest import GOLDEN_DIR, seed_cases, smallest_case_by_default
 
 DATA = GOLDEN_DIR
 CASES = tuple(os.path.basename(c) for c in seed_cases())
@@ -116,7 +116,7 @@ def seed_model(case_dir, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["nocfg", "warmup", "random", "smtemp", "sched_root", "sched_linear",
                                      "sched_square", "sched_cosine", "sched_arccos"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", smallest_case_by_default(seed_cases()))  # the runner: every case, every variant
 def test_recorded_variants_with_the_seed_transformer(case, variant, backend):
   """Every step identical with the real model (the draws injected), and the images of the final tokens within
   1e-5 (torch) / 1e-4 (JAX) of the seed's."""
@@ -207,7 +207,10 @@ SETTINGS = [  # (randomize, batch, schedule, w, sm_temp, steps, inpaint)
     ("random", 1, "linear", 1.5, 1.0, 8, True), ("linear", 4, "root", 3.0, 1.0, 20, False)]
 
 
-@pytest.mark.parametrize("randomize,batch,sched,w,sm_temp,step,inpaint", SETTINGS)
+# The default run keeps the first three (linear and no randomization, guidance on and off, an inpainting start);
+# -m slow adds warm_up, random and a 20-step decode (the runner replays both randomizations on every seed case).
+@pytest.mark.parametrize("randomize,batch,sched,w,sm_temp,step,inpaint",
+                         SETTINGS[:3] + [pytest.param(*s, marks=pytest.mark.slow) for s in SETTINGS[3:]])
 def test_both_backends_follow_the_pseudo_code(randomize, batch, sched, w, sm_temp, step, inpaint):
   layout = seed_layout(16, 5, 16)
   torch_fn, jax_fn = stand_in(layout, seed=step)

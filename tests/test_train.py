@@ -18,34 +18,18 @@ import pytest
 
 import configs
 import conversion
-from maskgit_common import data as data_lib
-from maskgit_common import masking, token_cache, training
-from tests.conftest import patch_encoder, small_train_config as small_config, tensorboard_scalars
+from maskgit_common import masking, training
+from tests.conftest import small_train_config as small_config, tensorboard_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("cache") / "tokens")
-  config = small_config()
-  token_cache.build(path, data_lib.SyntheticDataset(256, config.image_size, config.num_class), patch_encoder(config),
-                    config, progress=False)
-  return path
+def cache(train_token_cache):
+  return train_token_cache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-  """The tiny models run faster on one thread than on oversubscribed cores."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    yield
-    return
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def backend(name):

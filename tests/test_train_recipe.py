@@ -16,21 +16,9 @@ from configs import recipes
 from maskgit_common import data as data_lib
 from maskgit_common import masking, token_cache, train_init, training
 from parity_tests.case import Case
-from tests.conftest import patch_encoder, small_train_config
+from tests.conftest import patch_encoder, seed_cases, small_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def seed_cases():
-  """Every seed fixture case shipped with the repository (wherever the dev cases live)."""
-  found = []
-  for folder in ("data_seed", "data"):
-    root = os.path.join(REPO, "parity_tests", folder)
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-      path = os.path.join(root, name)
-      if os.path.isfile(os.path.join(path, "train_step.npz")) and os.path.isdir(os.path.join(path, "MaskGIT")):
-        found.append(path)
-  return found
 
 
 def seed_config(cache="", **overrides):
@@ -40,21 +28,11 @@ def seed_config(cache="", **overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("cache") / "tokens")
-  config = small_train_config()
-  token_cache.build(path, data_lib.SyntheticDataset(256, config.image_size, config.num_class), patch_encoder(config),
-                    config, progress=False)
-  return path
+def cache(train_token_cache):
+  return train_token_cache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-  torch = pytest.importorskip("torch")
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # train.recipe ----------------------------------------------------------------------------------------------------

@@ -25,13 +25,7 @@ from maskgit_torch import train_tokenizer as torch_train
 BACKENDS = {"jax": jax_train, "torch": torch_train}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-  """torch's intra-op threads spin and stall when the 2 CPU cores are shared; one thread is faster here."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**train) -> MaskGITConfig:

@@ -17,7 +17,7 @@ import pytest
 from maskgit_common import data as data_lib
 from maskgit_common import token_cache, training, workdir as workdir_lib
 from maskgit_common.errors import UserError
-from tests.conftest import patch_encoder, small_train_config
+from tests.conftest import small_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch = pytest.importorskip("torch")
@@ -25,20 +25,11 @@ from maskgit_torch import train as torch_train  # pylint: disable=wrong-import-p
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("cache") / "tokens")
-  config = small_train_config()
-  token_cache.build(path, data_lib.SyntheticDataset(256, config.image_size, config.num_class), patch_encoder(config),
-                    config, progress=False)
-  return path
+def cache(train_token_cache):
+  return train_token_cache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def short(cache, **train):
