@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
   if not os.path.isdir(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint directory (config.json + weights)")
 
-  # Parity mode (docs/ARCHITECTURE.md, "Numerics"): float32 matmuls at full precision, no TF32 (matters on GPUs).
+  # Parity mode (docs/ARCHITECTURE.md, "Numerics contract"): float32 matmuls at full precision, no TF32 (matters on GPUs).
   jax.config.update("jax_default_matmul_precision", "highest")
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   models = {"torch": torch_pipeline.MaskGIT.from_checkpoint(args.checkpoint),

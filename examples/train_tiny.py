@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint directory (config.json + weights)")
   workdir = args.workdir or tempfile.mkdtemp(prefix="maskgit_train_")
 
-  jax.config.update("jax_default_matmul_precision", "highest")  # parity mode (docs/ARCHITECTURE.md, "Numerics")
+  jax.config.update("jax_default_matmul_precision", "highest")  # parity mode (docs/ARCHITECTURE.md, "Numerics contract")
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   # The checkpoint's tokenizer with a smaller transformer; no dropout, whose masks are each framework's own draws.
   config = MaskGITConfig.load(os.path.join(args.checkpoint, "config.json")).with_overrides({
