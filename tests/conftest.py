@@ -23,20 +23,26 @@ GOLDEN_DIR = os.path.join(REPO, "parity_tests", "data")
 
 
 # The vendored golden cases ---------------------------------------------------------------------------------------
+def _size(case_dir):
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(case_dir) for f in files)
+
+
 def _cases(family):
+  """The vendored cases of one format, smallest first (tests that need one case take the cheapest), then by name."""
   from parity_tests import plan
   from parity_tests.case import Case, find_cases
-  return [c for c in find_cases(GOLDEN_DIR) if plan.case_format(Case(c)).name == family]
+  return sorted((c for c in find_cases(GOLDEN_DIR) if plan.case_format(Case(c)).name == family),
+                key=lambda c: (_size(c), c))
 
 
 def golden_cases():
-  """Case directories of the vendored official golden fixtures (google-research/maskgit), sorted."""
+  """Case directories of the vendored official golden fixtures (google-research/maskgit), smallest first."""
   return _cases("official")
 
 
 def seed_cases():
   """Case directories of the vendored seed fixtures (valeoai MaskGIT-pytorch v1: MaskGIT/, VQGAN/, config.json;
-  parity_tests/data/SEED_FORMAT.md), beside the official ones, sorted."""
+  parity_tests/data/SEED_FORMAT.md), beside the official ones, smallest first."""
   return _cases("seed")
 
 
@@ -48,14 +54,11 @@ def golden_config(case_dir):
     return MaskGITConfig.from_official(json.load(f), name=os.path.basename(case_dir))
 
 
-def smallest_case_by_default(cases):
-  """pytest.params of the case names: the smallest case (fewest bytes on disk) in the default run, every other
-  under `-m slow`. For per-module tests that call a check the parity runner makes on every vendored case in the
-  default run anyway (parity_tests/test_runner.py::test_every_check_passes_on_the_vendored_cases): the default run
-  keeps one case through the module's own assertions, `-m slow` every case."""
-  size = lambda c: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(c) for f in files)
-  smallest = min(cases, key=size)
-  return [pytest.param(os.path.basename(c), marks=() if c == smallest else pytest.mark.slow) for c in cases]
+def runner_checked(cases):
+  """pytest.params of the case names, each under `-m slow`: for per-module tests that call the checks the parity
+  runner makes (parity_tests/test_runner.py runs them on the smallest case of each format by default and on every
+  case under `-m slow`), so the default run does not compile the same programs twice."""
+  return [pytest.param(os.path.basename(c), marks=pytest.mark.slow) for c in cases]
 
 
 @pytest.fixture(scope="module", params=golden_cases(), ids=os.path.basename)
@@ -67,13 +70,13 @@ def golden_case(request):
 
 @pytest.fixture(scope="session", name="golden_cases")
 def golden_cases_fixture():
-  """Every vendored golden case directory, sorted."""
+  """Every vendored official case directory, smallest first."""
   return golden_cases()
 
 
 @pytest.fixture(scope="session")
 def one_golden_case():
-  """The first vendored case, for tests that need one real official checkpoint and its records."""
+  """The smallest vendored official case, for tests that need one real official checkpoint and its records."""
   return golden_cases()[0]
 
 

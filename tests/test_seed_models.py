@@ -15,11 +15,11 @@ from configs import ConfigError, MaskGITConfig
 from maskgit_common.token_layout import seed_layout, token_layout
 from parity_tests import seed_checks
 from parity_tests.case import Case
-from tests.conftest import GOLDEN_DIR, golden_cases, seed_cases, smallest_case_by_default
+from tests.conftest import GOLDEN_DIR, golden_cases, seed_cases, runner_checked
 
 DATA = GOLDEN_DIR
 CASES = [os.path.basename(c) for c in seed_cases()]
-RUNNER_CHECKED = smallest_case_by_default(seed_cases())  # the runner makes these checks on every case
+RUNNER_CHECKED = runner_checked(seed_cases())  # the parity runner test makes these checks
 BACKENDS = ("torch", "jax")
 
 

@@ -24,7 +24,7 @@ from maskgit_jax import sampler as jax_sampler
 from maskgit_torch import sampler as torch_sampler
 from parity_tests import make_halton_cases
 from parity_tests import seed_sample_checks as checks
-from tests.conftest import GOLDEN_DIR, seed_cases, smallest_case_by_default
+from tests.conftest import GOLDEN_DIR, seed_cases, runner_checked
 
 DATA = GOLDEN_DIR
 CASES = tuple(os.path.basename(c) for c in seed_cases())
@@ -116,7 +116,7 @@ def seed_model(case_dir, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["nocfg", "warmup", "random", "smtemp", "sched_root", "sched_linear",
                                      "sched_square", "sched_cosine", "sched_arccos"])
-@pytest.mark.parametrize("case", smallest_case_by_default(seed_cases()))  # the runner: every case, every variant
+@pytest.mark.parametrize("case", runner_checked(seed_cases()))  # the parity runner test replays them
 def test_recorded_variants_with_the_seed_transformer(case, variant, backend):
   """Every step identical with the real model (the draws injected), and the images of the final tokens within
   1e-5 (torch) / 1e-4 (JAX) of the seed's."""
