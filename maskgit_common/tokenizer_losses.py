@@ -195,3 +195,11 @@ def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, pat
       pair = [np.concatenate([r, np.ones((pad,) + r.shape[1:], r.dtype)]) for r in pair]
     rows += pair
   return image_io.save_grid(np.concatenate(rows), path, ncol=ncol, scale=scale)
+
+
+def eval_metrics(images: np.ndarray, outputs: np.ndarray, codes: np.ndarray, codebook_size: int) -> dict:
+  """The held-out evaluation of either tokenizer trainer: reconstruction MSE and the codebook statistics, each
+  named `eval_<name>`."""
+  stats = codebook_stats(codes, codebook_size)
+  return {"eval_reconstruction_mse": float(np.mean(np.square(outputs - images))),
+          **{f"eval_{k}": v for k, v in stats.items()}}

@@ -163,10 +163,7 @@ def evaluate(params, config: MaskGITConfig, images: np.ndarray, batch_size: int 
     codes.append(np.asarray(batch_codes))
     outputs.append(np.asarray(batch_out))
   outputs = np.concatenate(outputs)
-  stats = common.codebook_stats(np.concatenate(codes), config.codebook_size)
-  metrics = {"eval_reconstruction_mse": float(np.mean(np.square(outputs - images))),
-             **{f"eval_{k}": v for k, v in stats.items()}}
-  return metrics, outputs
+  return common.eval_metrics(images, outputs, np.concatenate(codes), config.codebook_size), outputs
 
 
 # The loop -------------------------------------------------------------------------------------------------------

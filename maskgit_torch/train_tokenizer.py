@@ -128,10 +128,7 @@ def evaluate(model: VQVAE, config: MaskGITConfig, images: np.ndarray, batch_size
     outputs.append(model.decode_from_indices(batch_codes).cpu().numpy())
     codes.append(batch_codes.cpu().numpy())
   outputs = np.concatenate(outputs)
-  stats = common.codebook_stats(np.concatenate(codes), config.codebook_size)
-  metrics = {"eval_reconstruction_mse": float(np.mean(np.square(outputs - images))),
-             **{f"eval_{k}": v for k, v in stats.items()}}
-  return metrics, outputs
+  return common.eval_metrics(images, outputs, np.concatenate(codes), config.codebook_size), outputs
 
 
 # The loop -------------------------------------------------------------------------------------------------------

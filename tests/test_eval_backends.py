@@ -28,11 +28,11 @@ def test_identical_tokens_give_identical_features_and_metrics_in_both_backends(t
   noise = {"jax": lambda l, s: jax_sampler.RecordedNoise(*map(jnp.asarray, draws(l, s))),
            "torch": lambda l, s: torch_sampler.RecordedNoise(*map(torch.as_tensor, draws(l, s)))}
   decoder = tiny_pipelines[("torch", "torch")]
+  extractor = inception.build_extractor(None, device="cpu", batch_size=6)  # one network scores both
   reports, features = {}, {}
   for backend in ("torch", "jax"):
     model = tiny_pipelines[(backend, "torch")]
     generate = sampler.generate_fn(model, decoder, config.sampler.num_iter, noise_for=noise[backend])
-    extractor = inception.build_extractor(None, device="cpu", batch_size=6)
     out = str(tmp_path / backend)
     reports[backend] = evaluation.evaluate(generate, extractor, 6, config.num_class, out, ref, batch_size=3, seed=5,
                                          k=2, splits=1, log=lambda *a: None)
