@@ -39,7 +39,8 @@ def _size(case):
 # The default run checks the smallest case of each format (the official `tiny`'s every dimension is in `small`,
 # the seed's `seed_tiny`'s in `seed_small`: the same code paths, a fraction of the XLA compiling); `-m slow` runs
 # every vendored case, as `python -m parity_tests --golden parity_tests/data` does. Nothing else differs.
-DEFAULT_CASES = sorted([min(CASES, key=_size), min(SEED_CASES, key=_size)])
+SMALLEST_CASE, SMALLEST_SEED_CASE = min(CASES, key=_size), min(SEED_CASES, key=_size)
+DEFAULT_CASES = sorted([SMALLEST_CASE, SMALLEST_SEED_CASE])
 
 
 @pytest.fixture(scope="module", params=[pytest.param(DEFAULT_CASES, id="smallest_of_each_format"),
@@ -141,11 +142,6 @@ def test_jax_prng_decode_is_part_of_the_decode_check(clean):
 
 
 # Perturbations: one copied case, one fixture array changed, exactly the covering check fails. ------------------
-def _smallest_case():
-  size = lambda c: sum(os.path.getsize(os.path.join(DATA, c, f)) for f in os.listdir(os.path.join(DATA, c)))
-  return min(CASES, key=size)
-
-
 def _edit_npz(path, **changes):
   with np.load(path) as data:
     arrays = {k: data[k].copy() for k in data.files}
@@ -182,7 +178,7 @@ def _run_main(case_dir, tmp_path, backend):
 
 @pytest.fixture
 def case_copy(tmp_path):
-  name = _smallest_case()
+  name = SMALLEST_CASE
   # Same directory name as the original, so the config (and the jitted functions cached for it) are the same.
   dst = tmp_path / "golden" / name
   shutil.copytree(os.path.join(DATA, name), dst)
@@ -343,7 +339,7 @@ def test_seed_case_missing_a_declared_sample_file_fails_naming_it(tmp_path):
 # Seed cases: a perturbed record fails exactly the check that reads it. --------------------------------------------
 @pytest.fixture
 def seed_copy(tmp_path):
-  name = min(SEED_CASES, key=lambda c: os.path.getsize(os.path.join(DATA, c, "MaskGIT", "current.pth")))
+  name = SMALLEST_SEED_CASE
   dst = tmp_path / "golden" / name
   shutil.copytree(os.path.join(DATA, name), dst)
   return str(dst)

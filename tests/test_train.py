@@ -273,9 +273,16 @@ def test_torch_ddp_two_processes_match_one(cache, tmp_path):
 @pytest.mark.parametrize("name", ["jax", "torch"])
 def test_sigkill_mid_training_resumes_bit_identical(name, cache, tmp_path):
   backend(name)
-  reference = _run(name, cache, str(tmp_path / "ref"), 30)
+  resumed, reference = sigkill_and_resume(name, cache, tmp_path)
+  np.testing.assert_array_equal(resumed, reference)  # steps before the kill and after the resume, bit for bit
+
+
+def sigkill_and_resume(name, cache, tmp_path, overrides=None):
+  """(losses of a run killed with SIGKILL after step 15 and run again, losses of an uninterrupted run), 30 steps
+  each; tests/test_train_recipe.py runs it under the seed recipe."""
+  reference = _run(name, cache, str(tmp_path / "ref"), 30, overrides=overrides)
   workdir = str(tmp_path / "killed")
-  proc = subprocess.Popen([sys.executable, _script(str(tmp_path), name, cache, workdir, 30)],
+  proc = subprocess.Popen([sys.executable, _script(str(tmp_path), name, cache, workdir, 30, overrides)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(workdir, "metrics.jsonl")
   while proc.poll() is None:  # kill -9 once step 15 is logged: the last checkpoint is step 10
@@ -284,8 +291,8 @@ def test_sigkill_mid_training_resumes_bit_identical(name, cache, tmp_path):
       break
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-  resumed = _run(name, cache, workdir, 30)  # the same command again: resumes from the newest good checkpoint
-  np.testing.assert_array_equal(resumed, reference)  # steps before the kill and after the resume, bit for bit
+  # The same command again: resumes from the newest good checkpoint.
+  return _run(name, cache, workdir, 30, overrides=overrides), reference
 
 
 @pytest.mark.slow

@@ -362,23 +362,9 @@ SEED_RUN = {"train.recipe": "seed", "transformer.arch": "seed", "train.warmup_st
 def test_seed_recipe_sigkill_mid_training_resumes_bit_identical(name, cache, tmp_path):
   """As tests/test_train.py's kill -9 test, under the seed recipe (Bernoulli masks, label dropout, seed warmup,
   torch clipping, no EMA) and the seed's transformer."""
-  import signal  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   from tests import test_train  # pylint: disable=import-outside-toplevel
   test_train.backend(name)
-  reference = test_train._run(name, cache, str(tmp_path / "ref"), 30, overrides=SEED_RUN)
-  workdir = str(tmp_path / "killed")
-  script = test_train._script(str(tmp_path), name, cache, workdir, 30, SEED_RUN)
-  proc = subprocess.Popen([sys.executable, script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  while proc.poll() is None:  # kill -9 once step 15 is logged: the last checkpoint is step 10
-    if os.path.exists(metrics) and any(r["step"] >= 15 for r in training.read_jsonl(metrics)):
-      os.kill(proc.pid, signal.SIGKILL)
-      break
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-  resumed = test_train._run(name, cache, workdir, 30, overrides=SEED_RUN)
+  resumed, reference = test_train.sigkill_and_resume(name, cache, tmp_path, overrides=SEED_RUN)
   np.testing.assert_array_equal(resumed, reference)
 
 
