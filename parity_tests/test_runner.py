@@ -176,13 +176,16 @@ def _run_main(case_dir, tmp_path, backend):
     return status, json.load(f)
 
 
-@pytest.fixture
-def case_copy(tmp_path):
-  name = SMALLEST_CASE
+def _copy(tmp_path, name):
   # Same directory name as the original, so the config (and the jitted functions cached for it) are the same.
   dst = tmp_path / "golden" / name
   shutil.copytree(os.path.join(DATA, name), dst)
   return str(dst)
+
+
+@pytest.fixture
+def case_copy(tmp_path):
+  return _copy(tmp_path, SMALLEST_CASE)
 
 
 def test_perturbed_logits_fail_only_the_logits_checks_and_name_the_layer(case_copy, tmp_path):
@@ -339,10 +342,7 @@ def test_seed_case_missing_a_declared_sample_file_fails_naming_it(tmp_path):
 # Seed cases: a perturbed record fails exactly the check that reads it. --------------------------------------------
 @pytest.fixture
 def seed_copy(tmp_path):
-  name = SMALLEST_SEED_CASE
-  dst = tmp_path / "golden" / name
-  shutil.copytree(os.path.join(DATA, name), dst)
-  return str(dst)
+  return _copy(tmp_path, SMALLEST_SEED_CASE)
 
 
 def _first_variant(case_dir):
