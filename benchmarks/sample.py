@@ -34,9 +34,7 @@ import sys
 import time
 import warnings
 
-# torch's OpenMP threads spin while waiting; on a CPU shared with other jobs that costs 10-100x (measured on the tiny
-# preset). Passive waiting must be chosen before torch loads. JAX must not grab 75% of a GPU that torch shares.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# JAX must not grab 75% of a GPU that torch shares.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,6 +54,10 @@ flags.DEFINE_list("precisions", ["parity", "fast"], "parity (float32) and/or fas
 flags.DEFINE_integer("repeats", 5, "Timed repeats per row (the best is reported), after one warm-up/compile call.")
 flags.DEFINE_integer("cpu_threads", 0, "CPU only: intra-op threads for torch and XLA alike (0 = their defaults).")
 flags.DEFINE_string("peer_hm", None, "A checkout of hmorimitsu/maskgit-torch to time beside the others (parity only).")
+flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"], "torch's OpenMP threads between parallel "
+                  "regions: default = what a user gets (spin a while, then sleep); passive = sleep at once, for a CPU "
+                  "shared with other jobs, where spinning cost 10-100x (measured on the tiny preset, 2026-11-25) but "
+                  "on a quiet CPU it slows torch's convolutions (ImageNet-256 decoder, batch 1: 1.17 vs 0.83 s).")
 flags.DEFINE_string("torch_compile_mode", "default", "torch_compiled: torch.compile mode of the transformer "
                     "(default, max-autotune, reduce-overhead = CUDA graphs, ...).")
 
@@ -363,7 +365,8 @@ def print_header(preset, config, device, gemm) -> float:
   from maskgit_torch import device as torch_device  # pylint: disable=import-outside-toplevel
   print(f"# sample benchmark {time.strftime('%Y-%m-%d %H:%M')}: preset {preset}, device {device}, jax "
         f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY') or 'unset (spin, then sleep)'}; load average {os.getloadavg()}")
   if gemm is not None:
     print(f"# CPU: {torch_device.cpu_isa()}; flags {' '.join(sorted(torch_device.cpu_features()))}; `% peak` is of "
           f"a float32 GEMM ({GEMM_N}^3, torch, {torch.get_num_threads()} threads: "
@@ -414,6 +417,8 @@ def main(argv):
     raise app.UsageError(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
   if "hmorimitsu" in impls and not FLAGS.peer_hm:
     raise app.UsageError("--impls hmorimitsu needs --peer_hm DIR (a checkout of hmorimitsu/maskgit-torch)")
+  if FLAGS.omp_wait_policy == "passive":  # read by OpenMP when torch loads, which is below
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
   set_cpu_threads(FLAGS.cpu_threads)
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel

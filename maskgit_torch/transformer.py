@@ -16,8 +16,9 @@ run in bf16 while LayerNorm statistics stay in float32 and the residual stream i
 softmax is inside scaled_dot_product_attention, whose kernels accumulate it in float32.
 
 Speed (inference, autograd off): the q/k/v projections run as one GEMM against the three weights concatenated
-(`SelfAttention._fused_qkv`; the parameters and their state_dict keys stay as they are); on a CPU in float32 the
-tanh GELU takes whichever of two equal forms measures faster on the running CPU (`device.fastest`).
+(`SelfAttention._fused_qkv`; the parameters and their state_dict keys stay as they are); on a CPU in float32 every
+GEMM is plain or MKL-packed sgemm (`Dense`, `device.PackedLinear`) and the tanh GELU one of two equal forms,
+whichever measures faster on the running CPU (`device.fastest`; docs/ARCHITECTURE.md, "CPU inference paths").
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
   return F.gelu(x, approximate="tanh")
 
 
+class Dense(nn.Linear):
+  """nn.Linear (the same parameters, keys and init) whose float32 CPU inference GEMM is the faster of plain and
+  MKL-packed sgemm on the running CPU (`device.PackedLinear`); autograd and other devices take nn.Linear's."""
+
+  def __init__(self, in_features: int, out_features: int):
+    super().__init__(in_features, out_features)
+    self.gemm = device_lib.PackedLinear()
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.gemm(x, self.weight, self.bias)
+
+
 class Embed(nn.Module):
   """Official `Embed`: word + position embeddings, then LayerNorm (no extra projection, no token types)."""
 
@@ -106,11 +119,12 @@ class SelfAttention(nn.Module):
     self.dropout_rate = config.dropout_rate
     self.num_heads = config.num_heads
     self.head_dim = config.head_dim
-    self.query = nn.Linear(hidden, hidden)
-    self.key = nn.Linear(hidden, hidden)
-    self.value = nn.Linear(hidden, hidden)
-    self.out = nn.Linear(hidden, hidden)
+    self.query = Dense(hidden, hidden)
+    self.key = Dense(hidden, hidden)
+    self.value = Dense(hidden, hidden)
+    self.out = Dense(hidden, hidden)
     self._qkv_cache = None  # (version key, weight (3D, D), bias (3D,)); not a buffer: not in the state_dict
+    self._qkv_gemm = device_lib.PackedLinear()
 
   def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
     """query/key/value weights and biases concatenated, made again whenever one of them is replaced or changed in
@@ -131,7 +145,7 @@ class SelfAttention(nn.Module):
         or self.query.weight.is_inference()):
       return self.query(x), self.key(x), self.value(x)
     weight, bias = self._fused_qkv()
-    return F.linear(x, weight, bias).split(x.shape[-1], dim=-1)
+    return self._qkv_gemm(x, weight, bias).split(x.shape[-1], dim=-1)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     b, s, d = x.shape
@@ -168,8 +182,8 @@ class Mlp(nn.Module):
 
   def __init__(self, config: TransformerConfig):
     super().__init__()
-    self.intermediate_output = nn.Linear(config.num_embeds, config.intermediate_size)
-    self.layer_output = nn.Linear(config.intermediate_size, config.num_embeds)
+    self.intermediate_output = Dense(config.num_embeds, config.intermediate_size)
+    self.layer_output = Dense(config.intermediate_size, config.num_embeds)
     self.dropout = nn.Dropout(config.dropout_rate)
     self.layer_output_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
 
@@ -195,12 +209,15 @@ class MlmLayer(nn.Module):
 
   def __init__(self, config: TransformerConfig, vocab_size: int):
     super().__init__()
-    self.mlm_dense = nn.Linear(config.num_embeds, config.num_embeds)
+    self.mlm_dense = Dense(config.num_embeds, config.num_embeds)
     self.mlm_ln = LayerNorm(config.num_embeds, eps=config.layer_norm_eps)
     self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+    self.logits_gemm = device_lib.PackedLinear()
 
   def forward(self, x: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     h = self.mlm_ln(gelu(self.mlm_dense(x)))
+    if self.logits_gemm.applies(h, embeddings):
+      return self.logits_gemm(h, embeddings, self.mlm_bias)
     return h @ embeddings.t() + self.mlm_bias
 
 

@@ -3,10 +3,13 @@
 Each path against its reference: the channels_last decoder (buffers reused across calls) against the NCHW module
 forward and a float64 decode; its GroupNorm against float64 where torch's own channels_last GroupNorm is coarser;
 both CPU GELU forms against the float64 tanh GELU; the fused q/k/v GEMM against the three projections, its cache
-against weight changes; the kernel chooser's pinning; native bfloat16 from the CPU's flags.
+against weight changes; MKL's packed GEMM against F.linear and float64, its cache against weight and row-count
+changes, copies and pickles of models holding it; the kernel chooser's pinning; native bfloat16 from the CPU's
+flags.
 """
 
 import copy
+import pickle
 import time
 
 import pytest
@@ -181,6 +184,79 @@ def test_models_made_in_inference_mode_take_the_three_projections(tiny):
     model.load_state_dict(transformer.state_dict())
     model(torch.randint(0, config.codebook_size, (1, config.seq_len)))
   assert model.layers[0].attention.self_attention._qkv_cache is None  # pylint: disable=protected-access
+
+
+needs_mkl = pytest.mark.skipif(not device_lib._mkl_packing(), reason="this torch build has no MKL")  # pylint: disable=protected-access
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 7, 65])
+def test_packed_gemm_is_the_same_linear(rows, monkeypatch):
+  """MKL's packed sgemm against float64 and F.linear: float32 rounding apart, on every row count (each packs anew)."""
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  torch.manual_seed(rows)
+  x, weight, bias = torch.randn(rows, 3, 96), torch.randn(200, 96) * 0.1, torch.randn(200)
+  gemm = device_lib.PackedLinear()
+  with torch.inference_mode():
+    packed = gemm(x, weight, bias)
+    unbiased = gemm(x, weight)
+  exact = F.linear(x.double(), weight.double(), bias.double())
+  assert packed.shape == (rows, 3, 200) and gemm._cache is not None  # pylint: disable=protected-access
+  assert (packed.double() - exact).abs().max() < 1e-5  # outputs of size ~3: a few float32 ulps
+  assert (packed - F.linear(x, weight, bias)).abs().max() < 1e-5
+  assert (unbiased.double() - (exact - bias.double())).abs().max() < 1e-5
+
+
+@needs_mkl
+def test_packed_gemm_follows_the_weight_and_the_row_count(monkeypatch):
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  layer = torch.nn.Linear(64, 32)
+  gemm, x = device_lib.PackedLinear(), torch.randn(5, 64)
+  with torch.no_grad():
+    gemm(x, layer.weight, layer.bias)
+    packed = gemm._cache[1]  # pylint: disable=protected-access
+    gemm(x, layer.weight, layer.bias)
+    assert gemm._cache[1] is packed  # pylint: disable=protected-access  # kept while nothing changes
+    layer.weight.mul_(-2)  # in place: a new version
+    assert (gemm(x, layer.weight, layer.bias) - layer(x)).abs().max() < 1e-5
+    assert (gemm(x[:3], layer.weight, layer.bias) - layer(x[:3])).abs().max() < 1e-5  # another row count
+  assert gemm._cache[0][2] == 3  # pylint: disable=protected-access
+
+
+def test_packed_gemm_leaves_autograd_and_pinned_plain_calls_to_f_linear(monkeypatch):
+  layer = torch.nn.Linear(16, 8)
+  gemm, x = device_lib.PackedLinear(), torch.randn(4, 16, requires_grad=True)
+  y = gemm(x, layer.weight, layer.bias)
+  assert y.grad_fn is not None and torch.equal(y, layer(x)) and gemm._cache is None  # pylint: disable=protected-access
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=addmm")
+  with torch.inference_mode():
+    assert torch.equal(gemm(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+  assert gemm._cache is None  # pylint: disable=protected-access
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # fast mode: autocast's bf16 GEMM
+    assert gemm(x, layer.weight, layer.bias).dtype == torch.bfloat16 and gemm._cache is None  # pylint: disable=protected-access
+  monkeypatch.setattr(device_lib, "_mkl_packing", lambda: False)  # a build without MKL
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  with torch.inference_mode():
+    assert torch.equal(gemm(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_mkl
+def test_a_transformer_with_packed_weights_copies_and_pickles(tiny, monkeypatch):
+  """Packed copies are opaque MKL tensors: deepcopy and torch.save of a model that has run must still work, and
+  the copy packs its own."""
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  config, _, transformer = tiny
+  model = copy.deepcopy(transformer)
+  ids = torch.randint(0, config.codebook_size, (1, config.seq_len))
+  with torch.no_grad():
+    packed = model(ids)
+    assert model.layers[0].mlp.intermediate_output.gemm._cache is not None  # pylint: disable=protected-access
+    clone = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))  # what torch.save(model) and multiprocessing do with a module
+    assert torch.equal(clone(ids), packed) and torch.equal(restored(ids), packed)
+  assert (packed - transformer(ids).detach()).abs().max() < 1e-5  # against nn.Linear under autograd
+  assert list(model.state_dict()) == list(transformer.state_dict())
 
 
 def test_native_bfloat16_needs_the_bf16_units(monkeypatch):

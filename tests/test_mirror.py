@@ -4,7 +4,8 @@ the quantizer losses in the same place (the quantizer's train mode) with the sam
 
 The documented exceptions, each a framework difference and nothing else:
   torch only  LayerNorm / GroupNorm (norms with float32 statistics under autocast; flax's norms take `dtype`),
-              `conv` (nn.Conv2d with TF SAME padding; flax's nn.Conv pads itself),
+              `conv` (nn.Conv2d with TF SAME padding; flax's nn.Conv pads itself), `Dense` (nn.Linear whose CPU
+              inference GEMM is measured per shape, device.PackedLinear; flax's nn.Dense is used as it is),
               forward / reset_parameters (torch's call and the official init; flax: __call__ and initializers).
   JAX only    Bias (the official `mlm_bias/bias` module path; torch holds the vector as `mlm.mlm_bias`),
               truncated_normal (the official initializer), setup, and a trailing `dtype` argument (the compute
@@ -34,7 +35,7 @@ from maskgit_torch import tokenizer as torch_tokenizer, transformer as torch_tra
 from parity_tests.intermediates import capture_torch, flatten_flax
 
 PAIRS = {"tokenizer": (torch_tokenizer, jax_tokenizer), "transformer": (torch_transformer, jax_transformer)}
-TORCH_ONLY = {"LayerNorm", "GroupNorm", "conv", "forward", "reset_parameters"}
+TORCH_ONLY = {"LayerNorm", "GroupNorm", "conv", "Dense", "forward", "reset_parameters"}
 JAX_ONLY = {"Bias", "truncated_normal", "setup", "dtype"}
 # torch vs official (docs/ARCHITECTURE.md, 'Parity targets'); JAX is within 1e-5 of the official, so torch vs JAX
 # stays within this.
