@@ -103,7 +103,8 @@ def fastest(name: str, candidates: Mapping[str, Callable[[torch.Tensor], torch.T
 
   Interleaved rounds, the minimum of `repeats` per candidate, on up to 2^20 elements of x (read only): the winner
   differs between CPUs (the torch GELU: F.gelu's tanh form was faster on an AVX-512 + AMX Xeon, x * sigmoid(2u)
-  on an AVX-512 Xeon without AMX and on an AVX2 EPYC), so no machine's answer is written into the code.
+  on an AVX2 EPYC; on an AVX-512 Xeon without AMX the two are close and either wins from run to run), so no
+  machine's answer is written into the code.
   `kernel_choices()` lists what was chosen.
   """
   pinned = _pinned(name)
