@@ -172,10 +172,11 @@ class PackedLinear:
   @staticmethod
   def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a call takes the measured choice (float32 CPU inference, MKL present), not plain F.linear."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+    return (not torch.compiler.is_compiling()  # first: under torch.compile nothing else here is traced
+            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")  # bfloat16 autocast: MKL's op has no autocast rule
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not weight.is_inference() and not torch.compiler.is_compiling() and _mkl_packing())
+            and not weight.is_inference() and _mkl_packing())
 
   def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not self.applies(x, weight):
