@@ -4,19 +4,22 @@ Each path against its reference: the channels_last decoder (buffers reused acros
 forward and a float64 decode; its GroupNorm against float64 where torch's own channels_last GroupNorm is coarser;
 both CPU GELU forms against the float64 tanh GELU; the fused q/k/v GEMM against the three projections, its cache
 against weight changes; MKL's packed GEMM against F.linear and float64, its cache against weight and row-count
-changes, copies and pickles of models holding it; the kernel chooser's pinning; native bfloat16 from the CPU's
-flags.
+changes, copies and pickles of models holding it; every kernel choice against the official logits; the kernel
+chooser's pinning; native bfloat16 from the CPU's flags.
 """
 
 import copy
 import pickle
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import conversion
 from configs import get_preset
+from maskgit_torch import checkpoint as torch_checkpoint
 from maskgit_torch import device as device_lib
 from maskgit_torch import tokenizer as torch_tokenizer
 from maskgit_torch.tokenizer import VQVAE
@@ -257,6 +260,24 @@ def test_a_transformer_with_packed_weights_copies_and_pickles(tiny, monkeypatch)
     assert torch.equal(clone(ids), packed) and torch.equal(restored(ids), packed)
   assert (packed - transformer(ids).detach()).abs().max() < 1e-5  # against nn.Linear under autograd
   assert list(model.state_dict()) == list(transformer.state_dict())
+
+
+@pytest.mark.parametrize("kernels", ["linear=addmm,gelu=tanh", "linear=mkl_packed,gelu=sigmoid"])
+def test_every_kernel_choice_meets_the_logit_parity_bound(kernels, monkeypatch, one_golden_case, golden_config):
+  """Whichever forms the chooser takes on a CPU, the logits stay within the torch parity bound (1e-4) of the official
+  code's recorded logits, in every recorded masking (smallest official case; the runner checks the chosen forms)."""
+  monkeypatch.setenv(device_lib.KERNEL_ENV, kernels)
+  case_dir = one_golden_case
+  config = golden_config(case_dir)
+  model = Transformer(config)
+  flat = conversion.read(f"{case_dir}/transformer.msgpack", config).parts["transformer"]
+  model.load_state_dict(torch_checkpoint.from_flat(config, "transformer", flat), strict=True)
+  with np.load(f"{case_dir}/transformer_io.npz") as io, torch.inference_mode():
+    for kind in ("all_masked", "partial", "unmasked"):
+      logits = model.eval()(torch.from_numpy(io[f"ids_{kind}"]))
+      assert np.abs(logits.double().numpy() - io[f"logits_{kind}"]).max() <= 1e-4, kind
+  if "mkl_packed" in kernels and device_lib._mkl_packing():  # pylint: disable=protected-access
+    assert model.layers[0].mlp.intermediate_output.gemm._cache is not None  # pylint: disable=protected-access
 
 
 def test_native_bfloat16_needs_the_bf16_units(monkeypatch):
