@@ -153,7 +153,7 @@ class PackedLinear:
   96 GEMMs of one ImageNet-256 transformer forward: 445 -> 365 ms at batch 1 (257 rows), 1655 -> 1608 ms at batch
   4, so it is chosen per GEMM shape by `fastest("linear", ...)` on the running CPU (pin it off with
   $MASKGIT_TORCH_KERNELS=linear=addmm). The same dot products; MKL may block the K sum otherwise (measured <= 3e-5 on
-  outputs of size ~50, float32 rounding). The packed copy (as large as the weight: +690 MiB for the ImageNet
+  outputs of size ~50, float32 rounding). The packed copy (as large as the weight: +656 MiB for the ImageNet
   transformer) is kept for the last row count seen, and made again when the weight is replaced or changed in place
   (its data pointer or version changes) or the row count changes. Autograd, autocast, other devices and dtypes,
   weights made in inference mode (no version counter to watch) and torch.compile take F.linear. Not pickled or
