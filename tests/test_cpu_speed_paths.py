@@ -226,6 +226,14 @@ def test_packed_gemm_follows_the_weight_and_the_row_count(monkeypatch):
   assert gemm._cache[0][2] == 3  # pylint: disable=protected-access
 
 
+def test_large_gemms_take_plain_sgemm_unmeasured(monkeypatch):
+  monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+  gemm, weight = device_lib.PackedLinear(), torch.randn(8, 16)
+  x = torch.randn(device_lib.PACKED_MAX_ROWS + 1, 16)
+  with torch.inference_mode():
+    assert torch.equal(gemm(x, weight), F.linear(x, weight)) and gemm._cache is None  # pylint: disable=protected-access
+
+
 def test_packed_gemm_leaves_autograd_and_pinned_plain_calls_to_f_linear(monkeypatch):
   layer = torch.nn.Linear(16, 8)
   gemm, x = device_lib.PackedLinear(), torch.randn(4, 16, requires_grad=True)
