@@ -112,13 +112,9 @@ def fastest(name: str, candidates: Mapping[str, Callable[[torch.Tensor], torch.T
     if pinned not in candidates:
       raise DeviceError(f"${KERNEL_ENV}: {name}={pinned} is not one of {sorted(candidates)}")
     return pinned
-  if shape is None:
-    key = (name, f"< {2 ** min(x.numel(), _SAMPLE).bit_length()} elements")
-    sample = lambda: x.reshape(-1)[:_SAMPLE] if x.is_contiguous() else x.contiguous().reshape(-1)[:_SAMPLE]
-  else:
-    key, sample = (name, shape), lambda: x
+  key = (name, shape or f"< {2 ** min(x.numel(), _SAMPLE).bit_length()} elements")
   if key not in _CHOICES:
-    sample = sample()
+    sample = x if shape else x.contiguous().reshape(-1)[:_SAMPLE]
     best = {k: float("inf") for k in candidates}
     for round_ in range(repeats + 1):  # round 0 warms up (allocations, lazy initialisation)
       for k, fn in candidates.items():
@@ -187,12 +183,12 @@ class PackedLinear:
     rows = x.numel() // max(x.shape[-1], 1)
     if not self.applies(x, weight) or rows > PACKED_MAX_ROWS:
       return F.linear(x, weight, bias)
-    candidates = {"addmm": lambda t: F.linear(t, weight, bias), "mkl_packed": lambda t: self._packed(t, weight, bias)}
+    candidates = {"addmm": lambda t: F.linear(t, weight, bias),
+                  "mkl_packed": lambda t: self._packed(t, weight, bias, rows)}
     shape = f"{rows} x {weight.shape[1]} -> {weight.shape[0]}"
     return candidates[fastest("linear", candidates, x, shape=shape)](x)
 
-  def _packed(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
+  def _packed(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version, rows)  # pylint: disable=protected-access
     cache = self._cache
     if cache is None or cache[0] != key:

@@ -42,6 +42,11 @@ def find_cases(golden):
   return [os.path.abspath(c) for c in cases]
 
 
+def case_size(case_dir) -> int:
+  """Bytes of every file under a case directory: how tests order cases from cheapest to dearest."""
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(case_dir) for f in files)
+
+
 def _npz_reason(e):
   """Why numpy could not read an .npz (or one of its arrays), in words that never advise unpickling."""
   text = str(e)

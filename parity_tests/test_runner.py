@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from parity_tests import plan, runner
-from parity_tests.case import Case, CaseFileError, GoldenDirError, result
+from parity_tests.case import Case, CaseFileError, GoldenDirError, case_size, result
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ALL_CASES = sorted(d for d in os.listdir(DATA) if os.path.isfile(os.path.join(DATA, d, "config.json")))
@@ -31,14 +31,13 @@ def _failed(report):
   return {(case, name) for case, checks in report["cases"].items() for name, r in checks.items() if not r["passed"]}
 
 
-def _size(case):
-  folder = os.path.join(DATA, case)
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
-
-
 # The default run checks the smallest case of each format (the official `tiny`'s every dimension is in `small`,
 # the seed's `seed_tiny`'s in `seed_small`: the same code paths, a fraction of the XLA compiling); `-m slow` runs
 # every vendored case, as `python -m parity_tests --golden parity_tests/data` does. Nothing else differs.
+def _size(case):
+  return case_size(os.path.join(DATA, case))
+
+
 SMALLEST_CASE, SMALLEST_SEED_CASE = min(CASES, key=_size), min(SEED_CASES, key=_size)
 DEFAULT_CASES = sorted([SMALLEST_CASE, SMALLEST_SEED_CASE])
 

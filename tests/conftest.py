@@ -23,16 +23,12 @@ GOLDEN_DIR = os.path.join(REPO, "parity_tests", "data")
 
 
 # The vendored golden cases ---------------------------------------------------------------------------------------
-def _size(case_dir):
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(case_dir) for f in files)
-
-
 def _cases(family):
   """The vendored cases of one format, smallest first (tests that need one case take the cheapest), then by name."""
   from parity_tests import plan
-  from parity_tests.case import Case, find_cases
+  from parity_tests.case import Case, case_size, find_cases
   return sorted((c for c in find_cases(GOLDEN_DIR) if plan.case_format(Case(c)).name == family),
-                key=lambda c: (_size(c), c))
+                key=lambda c: (case_size(c), c))
 
 
 def golden_cases():

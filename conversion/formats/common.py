@@ -1,4 +1,5 @@
-"""What the formats share: the config.json beside the weights, and parts that load on first use."""
+"""What the formats share: the config.json beside the weights, parts that load on first use, and the writer of
+our own torch and JAX directories."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 from configs import ConfigError, MaskGITConfig
 from conversion.errors import ConversionError
+from conversion.formats.extras import write_extras
 
 CONFIG_FILE = "config.json"
 
@@ -53,3 +55,15 @@ def materialize(value) -> dict:
   """A part as a reader returns it: the flat dict itself, or a zero-argument function that loads it (so a
   converter holds one part at a time)."""
   return value() if callable(value) else value
+
+
+def write_directory(tmp: str, config, parts: dict, extras: dict, write_part) -> None:
+  """What our torch and JAX directories hold, written into `tmp`: config.json, the extras (e.g. the seed's iter,
+  epoch and AdamW state: kept for writing back) and each part through `write_part(part, flat)`, one part in memory
+  at a time. A part that failed its checks is empty and skipped: the conversion raises once every part is checked."""
+  config.save(os.path.join(tmp, CONFIG_FILE))
+  write_extras(tmp, materialize(extras))
+  for part, value in parts.items():
+    flat = materialize(value)
+    if flat:
+      write_part(part, flat)

@@ -96,15 +96,3 @@ def read_extras(directory: str) -> dict:
   except (ValueError, TypeError, AttributeError) as e:  # a hand-edited file that is not what write_extras wrote
     raise CheckpointFormatError(f"{path}: not an extras file written by this project ({e})") from None
 
-
-def write_directory(tmp: str, config, parts: dict, extras: dict, write_part) -> None:
-  """What our torch and JAX directories hold, written into `tmp`: config.json, the extras (e.g. the seed's iter,
-  epoch and AdamW state: kept for writing back) and each part through `write_part(part, flat)`, one part in memory
-  at a time. A part that failed its checks is empty and skipped: the conversion raises once every part is checked."""
-  from conversion.formats.common import CONFIG_FILE, materialize  # pylint: disable=import-outside-toplevel
-  config.save(os.path.join(tmp, CONFIG_FILE))
-  write_extras(tmp, materialize(extras))
-  for part, value in parts.items():
-    flat = materialize(value)
-    if flat:
-      write_part(part, flat)

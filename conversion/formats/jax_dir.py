@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from conversion.formats.extras import read_extras, write_directory
-from conversion.formats.common import config_kind, read_config
+from conversion.formats.extras import read_extras
+from conversion.formats.common import config_kind, read_config, write_directory
 from conversion.formats.flax_msgpack import read_msgpack, write_msgpack
 from conversion.layout import ordered
 from conversion.tree import as_flat, unflatten

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from conversion.errors import PASS_CONFIG, ConversionError
-from conversion.formats.extras import read_extras, write_directory
-from conversion.formats.common import CONFIG_FILE, read_config
+from conversion.formats.extras import read_extras
+from conversion.formats.common import CONFIG_FILE, read_config, write_directory
 from conversion.formats.safetensors_numpy import read_safetensors, write_safetensors
 from conversion.layout import from_torch_layout, to_torch_layout
 
