@@ -84,6 +84,7 @@ def native_cpu_bfloat16() -> bool:
 _CHOICES: dict = {}
 KERNEL_ENV = "MASKGIT_TORCH_KERNELS"  # e.g. "gelu=tanh": pins a choice (reproducible runs, tests)
 _SAMPLE = 1 << 20  # elements a micro-benchmark runs on: large enough for the kernels' throughput, ~1 ms a call
+_MIN_ROUND_S, _MAX_CALLS = 5e-4, 200  # a timed round of a candidate lasts this long (in at most this many calls)
 
 
 def _pinned(name: str) -> str | None:
@@ -101,11 +102,11 @@ def fastest(name: str, candidates: Mapping[str, Callable[[torch.Tensor], torch.T
   Element-wise kernels are timed on a slice of x and keyed by its size class; kernels whose speed depends on the
   shape (a GEMM) pass `shape`, a label of it, and are timed on x itself, once per label.
 
-  Interleaved rounds, the minimum of `repeats` per candidate, on up to 2^20 elements of x (read only): the winner
-  differs between CPUs (the torch GELU: F.gelu's tanh form was faster on an AVX-512 + AMX Xeon, x * sigmoid(2u)
-  on an AVX2 EPYC; on an AVX-512 Xeon without AMX the two are close and either wins from run to run), so no
-  machine's answer is written into the code.
-  `kernel_choices()` lists what was chosen.
+  Interleaved rounds, the minimum of `repeats` per candidate, on up to 2^20 elements of x (read only); a round
+  repeats a candidate until it lasts ~0.5 ms (up to 200 calls: a single call of microseconds is within the timer's
+  jitter). The winner differs between CPUs (the torch GELU: F.gelu's tanh form was faster on an AVX-512 + AMX Xeon,
+  x * sigmoid(2u) on an AVX2 EPYC; on an AVX-512 Xeon without AMX the two are close and either wins from run to
+  run), so no machine's answer is written into the code. `kernel_choices()` lists what was chosen.
   """
   pinned = _pinned(name)
   if pinned is not None:
@@ -115,13 +116,20 @@ def fastest(name: str, candidates: Mapping[str, Callable[[torch.Tensor], torch.T
   key = (name, shape or f"< {2 ** min(x.numel(), _SAMPLE).bit_length()} elements")
   if key not in _CHOICES:
     sample = x if shape else x.contiguous().reshape(-1)[:_SAMPLE]
-    best = {k: float("inf") for k in candidates}
-    for round_ in range(repeats + 1):  # round 0 warms up (allocations, lazy initialisation)
-      for k, fn in candidates.items():
-        start = time.perf_counter()
+
+    def seconds(fn, calls=1):
+      start = time.perf_counter()
+      for _ in range(calls):
         fn(sample)
-        if round_:
-          best[k] = min(best[k], time.perf_counter() - start)
+      return (time.perf_counter() - start) / calls
+
+    for fn in candidates.values():
+      seconds(fn)  # warm-up: allocations, lazy initialisation (e.g. MKL's packing)
+    calls = {k: max(1, min(_MAX_CALLS, round(_MIN_ROUND_S / max(seconds(fn), 1e-9)))) for k, fn in candidates.items()}
+    best = {k: float("inf") for k in candidates}
+    for _ in range(repeats):
+      for k, fn in candidates.items():
+        best[k] = min(best[k], seconds(fn, calls[k]))
     _CHOICES[key] = min(best, key=best.get)
   return _CHOICES[key]
 
@@ -163,12 +171,13 @@ class PackedLinear:
 
   def __init__(self):
     self._cache = None  # ((data_ptr, version, rows), packed weight)
+    self._choice = None  # ((rows, weight shape, $MASKGIT_TORCH_KERNELS), fastest()'s key): the per-call path
 
   def __deepcopy__(self, memo):
     return PackedLinear()  # MKL's packed tensors are opaque (no storage to copy); a copy packs its own
 
   def __getstate__(self):
-    return {"_cache": None}
+    return {"_cache": None, "_choice": None}
 
   @staticmethod
   def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -183,10 +192,20 @@ class PackedLinear:
     rows = x.numel() // max(x.shape[-1], 1)
     if not self.applies(x, weight) or rows > PACKED_MAX_ROWS:
       return F.linear(x, weight, bias)
-    candidates = {"addmm": lambda t: F.linear(t, weight, bias),
-                  "mkl_packed": lambda t: self._packed(t, weight, bias, rows)}
-    shape = f"{rows} x {weight.shape[1]} -> {weight.shape[0]}"
-    return candidates[fastest("linear", candidates, x, shape=shape)](x)
+    if self._kernel(x, weight, bias, rows) == "mkl_packed":
+      return self._packed(x, weight, bias, rows)
+    return F.linear(x, weight, bias)
+
+  def _kernel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> str:
+    """fastest()'s choice for this GEMM shape, remembered here for the last shape and pin seen: a lookup through
+    fastest() costs ~3 us a call, a third of a small model's GEMM (17 x 32 -> 32: 9 us), measured here."""
+    key = (rows, weight.shape, os.environ.get(KERNEL_ENV))
+    if self._choice is None or self._choice[0] != key:
+      candidates = {"addmm": lambda t: F.linear(t, weight, bias),
+                    "mkl_packed": lambda t: self._packed(t, weight, bias, rows)}
+      shape = f"{rows} x {weight.shape[1]} -> {weight.shape[0]}"
+      self._choice = (key, fastest("linear", candidates, x, shape=shape))
+    return self._choice[1]
 
   def _packed(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version, rows)  # pylint: disable=protected-access

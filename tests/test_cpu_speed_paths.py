@@ -11,6 +11,7 @@ chooser's pinning; native bfloat16 from the CPU's flags.
 import copy
 import pickle
 import time
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -149,8 +150,11 @@ def test_the_chooser_measures_once_and_reports():
   candidates = {"a": make("a", 2e-3), "b": make("b", 0.0)}
   x = torch.zeros(1000)
   assert device_lib.fastest("test_kernel", candidates, x, repeats=2) == "b"
-  assert calls == {"a": 3, "b": 3}  # one warm-up round and two timed ones, only the first time
-  assert device_lib.fastest("test_kernel", candidates, x, repeats=2) == "b" and calls == {"a": 3, "b": 3}
+  # A warm-up call, one that sizes the rounds, then one call per timed round for the 2 ms candidate (a round lasts
+  # >= 0.5 ms), many per round for the instant one; nothing the second time.
+  assert calls["a"] == 4 and calls["b"] > 4 + 2, calls
+  before = dict(calls)
+  assert device_lib.fastest("test_kernel", candidates, x, repeats=2) == "b" and calls == before
   assert device_lib.kernel_choices()["test_kernel (< 1024 elements)"] == "b"
 
 
@@ -224,6 +228,24 @@ def test_packed_gemm_follows_the_weight_and_the_row_count(monkeypatch):
     assert (gemm(x, layer.weight, layer.bias) - layer(x)).abs().max() < 1e-5
     assert (gemm(x[:3], layer.weight, layer.bias) - layer(x[:3])).abs().max() < 1e-5  # another row count
   assert gemm._cache[0][2] == 3  # pylint: disable=protected-access
+
+
+@needs_mkl
+def test_a_gemm_follows_a_pin_changed_between_calls(monkeypatch):
+  """The choice a PackedLinear remembers for its shape is keyed by the pin too: changing
+  $MASKGIT_TORCH_KERNELS between calls switches the kernel of a layer that has already run."""
+  layer = torch.nn.Linear(64, 32)
+  gemm, x = device_lib.PackedLinear(), torch.randn(5, 64)
+  with torch.no_grad():
+    monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=addmm")
+    assert torch.equal(gemm(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    assert gemm._cache is None  # pylint: disable=protected-access
+    monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=mkl_packed")
+    gemm(x, layer.weight, layer.bias)
+    assert gemm._cache is not None  # pylint: disable=protected-access
+    monkeypatch.setenv(device_lib.KERNEL_ENV, "linear=addmm")
+    with unittest.mock.patch.object(device_lib.PackedLinear, "_packed", side_effect=AssertionError("packed")):
+      assert torch.equal(gemm(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
 
 
 def test_large_gemms_take_plain_sgemm_unmeasured(monkeypatch):

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -37,9 +36,6 @@ def backend(name):
     pytest.importorskip("flax")
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_default_matmul_precision", "highest")
-    # Every train() call jits a fresh step function; the persistent cache makes the repeats (and subprocesses) cheap.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "maskgit_tests_jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from maskgit_jax import train  # pylint: disable=import-outside-toplevel
   else:
     pytest.importorskip("torch")

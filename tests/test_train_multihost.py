@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -41,10 +40,8 @@ def command(workdir, cache, steps, *extra):
 
 
 def environment(**extra):
-  # One compilation cache for every process of the module: the 2-process runs share their programs.
-  cache_dir = os.path.join(tempfile.gettempdir(), "maskgit_tests_jax_cache")
-  return {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": cache_dir,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+  # The session's compilation cache (conftest.py) comes with os.environ: the 2-process runs share their programs.
+  return {**os.environ, "PYTHONPATH": REPO, **extra}
 
 
 def start_two(workdir, cache, steps):
