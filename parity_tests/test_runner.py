@@ -31,13 +31,13 @@ def _failed(report):
   return {(case, name) for case, checks in report["cases"].items() for name, r in checks.items() if not r["passed"]}
 
 
-# The default run checks the smallest case of each format (the official `tiny`'s every dimension is in `small`,
-# the seed's `seed_tiny`'s in `seed_small`: the same code paths, a fraction of the XLA compiling); `-m slow` runs
-# every vendored case, as `python -m parity_tests --golden parity_tests/data` does. Nothing else differs.
 def _size(case):
   return case_size(os.path.join(DATA, case))
 
 
+# The default run checks the smallest case of each format (the official `tiny`'s every dimension is in `small`,
+# the seed's `seed_tiny`'s in `seed_small`: the same code paths, a fraction of the XLA compiling); `-m slow` runs
+# every vendored case, as `python -m parity_tests --golden parity_tests/data` does. Nothing else differs.
 SMALLEST_CASE, SMALLEST_SEED_CASE = min(CASES, key=_size), min(SEED_CASES, key=_size)
 DEFAULT_CASES = sorted([SMALLEST_CASE, SMALLEST_SEED_CASE])
 

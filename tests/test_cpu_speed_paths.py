@@ -193,7 +193,9 @@ def test_models_made_in_inference_mode_take_the_three_projections(tiny):
   assert model.layers[0].attention.self_attention._qkv_cache is None  # pylint: disable=protected-access
 
 
-needs_mkl = pytest.mark.skipif(not device_lib._mkl_packing(), reason="this torch build has no MKL")  # pylint: disable=protected-access
+needs_mkl = pytest.mark.skipif(
+    not device_lib._mkl_packing(),  # pylint: disable=protected-access
+    reason="this torch build has no MKL (e.g. ARM or macOS): PackedLinear always takes F.linear there")
 
 
 @needs_mkl
